@@ -1,0 +1,20 @@
+PY ?= python3
+METHODS = dml one okddip pcl ffsd
+
+.PHONY: help install test smoke diff
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+install: ## install the run-time dependencies (torch, torchvision, numpy)
+	$(PY) -m pip install -r requirements.txt
+
+test: ## run the CPU test suite (tiny synthetic data, a few minutes on 2 cores)
+	$(PY) tests/run.py
+
+smoke: ## one tiny CPU epoch of every script on the synthetic set
+	@for m in baseline $(METHODS); do [ -f $$m.py ] || continue; \
+	  $(PY) $$m.py --arch resnet8 --dataset fake --epochs 1 --subset 256 --test-subset 200 --device cpu \
+	    --out runs/smoke-$$m --no-resume 2>&1 | tail -n 1 || exit 1; rm -rf runs/smoke-$$m; done
+
+diff: ## changed lines of each method file against baseline.py
+	@for m in $(METHODS); do [ -f $$m.py ] && printf "  %-10s %4d lines differ from baseline.py\n" $$m.py $$(diff baseline.py $$m.py | grep -c '^[<>]'); done; true

@@ -1,0 +1,683 @@
+"""common.py: everything that is NOT an online-distillation algorithm.
+
+Backbones (CIFAR ResNets as composable parts, and the shared-trunk / per-branch split), data (CIFAR-10/100,
+an image folder, a synthetic `fake` set; held on the training device and augmented there in batches), the
+training loop (`fit`: epochs, LR schedule, evaluation, progress rows, checkpoints, final.json), seeding and
+the dataclass-to-argparse bridge. Method files (`baseline.py`, `dml.py`, ...) import this module and nothing
+else of ours; the algorithm itself (losses, train step, which models are scored) lives in each method file.
+
+Sections: 1. CLI bridge and shared arguments  2. Backbones  3. Branching  4. Data  5. Training loop parts.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def fail(msg):
+    """Stop with a one-line error (no traceback): `error: <msg>` on stderr, exit status 1."""
+    raise SystemExit(f"error: {msg}")
+
+
+# =====================================================================================================
+# 1. CLI bridge and shared arguments
+# =====================================================================================================
+def arg(default, help, **kw):
+    """A dataclass field with its --help text (and optional `choices`) kept in the field's metadata."""
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainArgs:
+    """Arguments every method shares (same names in every script)."""
+    arch: str = arg("resnet32", "backbone", choices=None)  # choices filled in below, after BACKBONES
+    dataset: str = arg("cifar10", "data set; 'folder' reads --data-dir/{train,test}/<class>/*", choices=None)
+    data_dir: str = arg("./data", "where torchvision downloads CIFAR, or the image folder for --dataset folder")
+    subset: int = arg(0, "use a class-balanced first N training images (0 = all)")
+    test_subset: int = arg(0, "use a class-balanced first N test images (0 = all)")
+    epochs: int = arg(300, "training epochs")
+    batch_size: int = arg(128, "training mini-batch size (images)")
+    lr: float = arg(0.1, "initial SGD learning rate")
+    lr_decay_at: str = arg("0.5,0.75", "multiply the LR by --lr-gamma after these fractions of --epochs")
+    lr_gamma: float = arg(0.1, "LR decay factor at each milestone")
+    momentum: float = arg(0.9, "SGD momentum")
+    nesterov: bool = arg(True, "Nesterov momentum")
+    weight_decay: float = arg(5e-4, "SGD weight decay (L2, coupled)")
+    pad_mode: str = arg("zero", "random-crop padding (4 pixels): zero (black) or reflect", choices=["zero", "reflect"])
+    seed: int = arg(0, "random seed (initialisation, batch order, augmentation)")
+    device: str = arg("auto", "auto = cuda if available, else cpu", choices=["auto", "cpu", "cuda"])
+    bf16: bool = arg(True, "bf16 autocast for forward and loss (CUDA only; ignored on CPU)")
+    channels_last: bool = arg(True, "channels_last memory layout (CUDA only; ignored on CPU)")
+    eval_batch_size: int = arg(1000, "test-time batch size")
+    out: str = arg("", "output directory (default runs/<method>-<arch>-<dataset>-seed<seed>)")
+    resume: bool = arg(False, "continue from the checkpoint in --out")
+    log_every: int = arg(0, "also print a line every N steps (0 = one row per epoch)")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise SystemExit(f"{self.prog}: error: {message} (see --help)")
+
+
+def parse_args(cls, argv=None):
+    """Turn a dataclass of arguments into argparse flags (--kebab-case) and back into the dataclass."""
+    parser = _Parser(description=cls.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, default=f.default, help=meta["help"], action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, default=f.default, help=meta["help"], type=type(f.default),
+                                choices=meta.get("choices"))
+    return check_args(cls(**vars(parser.parse_args(argv))))
+
+
+def check_args(args):
+    """Validate values argparse cannot (also for Args built directly in Python); one-line errors."""
+    for f in dataclasses.fields(args):
+        value, choices = getattr(args, f.name), f.metadata.get("choices")
+        if choices is not None and value not in choices:
+            fail(f"--{f.name.replace('_', '-')} {value!r} is not one of: {', '.join(map(str, choices))}")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in ("subset", "test_subset", "log_every"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0 (0 = all/off), got {getattr(args, name)}")
+    if not args.lr > 0:
+        fail(f"--lr must be positive, got {args.lr}")
+    try:
+        fractions = [float(v) for v in args.lr_decay_at.split(",") if v.strip()]
+    except ValueError:
+        fractions = [-1.0]
+    if any(not 0 < v <= 1 for v in fractions):
+        fail(f"--lr-decay-at takes comma-separated fractions in (0, 1], got {args.lr_decay_at!r}")
+    return args
+
+
+# =====================================================================================================
+# 2. Backbones: every network is stem -> stages[0..S-1] -> pool -> fc, built from plain modules, so a
+#    method can read every stage output (FFSD) or cut the network into a shared trunk and per-branch parts
+#    (ONE, OKDDip, PCL) by composition, without hooks.
+# =====================================================================================================
+class Net(nn.Module):
+    """A backbone as parts. `widths[i]`: channels out of stages[i]; `split`: how many stages the shared
+    trunk of a multi-branch network keeps (backbones.md section 9); `feature_dim`: width of pool's output."""
+
+    def __init__(self, stem, stages, pool, fc, widths, split):
+        super().__init__()
+        self.stem, self.stages, self.pool, self.fc = stem, nn.ModuleList(stages), pool, fc
+        self.widths, self.split, self.feature_dim = list(widths), split, fc.in_features
+
+    def features(self, x):
+        """Every stage's output map, shallow to deep: [F^1, ..., F^S]."""
+        maps = []
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+            maps.append(x)
+        return maps
+
+    def forward(self, x):
+        return self.fc(self.pool(self.features(x)[-1]))
+
+
+def _conv_bn(cin, cout, k, stride=1, groups=1):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU. Shortcut = conv1x1+BN when the shape changes (option B)."""
+    expansion = 1
+
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(cin, planes, 3, stride), nn.ReLU(inplace=True), _conv_bn(planes, planes, 3))
+        self.shortcut = _conv_bn(cin, planes, 1, stride) if stride != 1 or cin != planes else nn.Identity()
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """conv1x1-BN-ReLU-conv3x3-BN-ReLU-conv1x1-BN + shortcut, ReLU; output = planes * 4 channels.
+    `width` = inner width (planes for ResNet, planes * base_width / 64 * groups for wide/grouped nets)."""
+    expansion = 4
+
+    def __init__(self, cin, planes, stride, width=None, groups=1):
+        super().__init__()
+        width, cout = width or planes, planes * self.expansion
+        self.body = nn.Sequential(_conv_bn(cin, width, 1), nn.ReLU(inplace=True),
+                                  _conv_bn(width, width, 3, stride, groups), nn.ReLU(inplace=True),
+                                  _conv_bn(width, cout, 1))
+        self.shortcut = _conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return F.relu(self.body(x) + self.shortcut(x))
+
+
+def _init(net):
+    """Reference-code init: conv ~ N(0, sqrt(2 / (k*k*C_out))) (Kaiming normal, fan-out), BN gamma=1, beta=0,
+    Linear left at PyTorch's default."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return net
+
+
+def cifar_resnet(block, blocks_per_stage, num_classes, planes=(16, 32, 64), stem=16, **block_kw):
+    """CIFAR ResNet: conv3x3 3->stem + BN + ReLU; three stages (strides 1, 2, 2); avg-pool; Linear."""
+    stages, cin = [], stem
+    for i, p in enumerate(planes):
+        layers = []
+        for b in range(blocks_per_stage):
+            layers.append(block(cin, p, 2 if (i > 0 and b == 0) else 1, **block_kw.get(f"s{i}", {})))
+            cin = p * block.expansion
+        stages.append(nn.Sequential(*layers))
+    widths = [p * block.expansion for p in planes]
+    return _init(Net(nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)),
+                     stages, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(widths[-1], num_classes),
+                     widths, split=len(stages) - 1))
+
+
+def resnet8(num_classes):
+    """Tiny basic-block ResNet (1 block/stage, 78k params): for tests and CPU demos only; in no paper table."""
+    return cifar_resnet(BasicBlock, 1, num_classes)
+
+
+def resnet20(num_classes):
+    """ResNet-20: basic blocks, 3 per stage, projection (option B) shortcuts. 272,474 / 278,324 params."""
+    return cifar_resnet(BasicBlock, 3, num_classes)
+
+
+def resnet32(num_classes):
+    """ResNet-32: basic blocks, 5 per stage, projection (option B) shortcuts. 466,906 / 472,756 params."""
+    return cifar_resnet(BasicBlock, 5, num_classes)
+
+
+def resnet56(num_classes):
+    """ResNet-56: basic blocks, 9 per stage, projection (option B) shortcuts. 855,770 / 861,620 params."""
+    return cifar_resnet(BasicBlock, 9, num_classes)
+
+
+def resnet110(num_classes):
+    """ResNet-110 as in the OKDDip/PCL tables: 12 BOTTLENECK blocks per stage (expansion 4, outputs
+    64/128/256), 110 layers, 1,147,738 / 1,170,868 params. Not He et al.'s basic ResNet-110 (that is
+    `resnet110_basic`), nor official ONE's 164-layer net."""
+    return cifar_resnet(Bottleneck, 12, num_classes)
+
+
+def resnet110_basic(num_classes):
+    """He et al.'s ResNet-110: basic blocks, 18 per stage. 1,730,714 / 1,736,564 params; in no table here."""
+    return cifar_resnet(BasicBlock, 18, num_classes)
+
+
+BACKBONES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet56, resnet110, resnet110_basic)}
+TrainArgs.__dataclass_fields__["arch"].metadata = {**TrainArgs.__dataclass_fields__["arch"].metadata,
+                                                   "choices": list(BACKBONES)}
+
+
+def build_backbone(arch, num_classes):
+    if arch not in BACKBONES:
+        fail(f"unknown --arch {arch!r}; choices: {', '.join(BACKBONES)}")
+    return BACKBONES[arch](num_classes)
+
+
+def num_params(module):
+    """Trainable parameters (BN running buffers excluded), the count backbones.md reports."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# =====================================================================================================
+# 3. Branching (ONE, OKDDip, PCL): one shared low-level trunk, m branches with their own weights.
+# =====================================================================================================
+class Branch(nn.Module):
+    """The per-branch part of a backbone: its stages after the split, pooling and classifier."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.stages, self.pool, self.fc = net.stages[net.split:], net.pool, net.fc
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        h = self.pool(x)  # (B, D) pooled feature
+        return self.fc(h), h
+
+
+class MultiBranch(nn.Module):
+    """Trunk (stem + stages[:split]) shared once; m branches (stages[split:] + pool + fc) each taken from its
+    own freshly built and initialised backbone, so no module object is ever reused across branches."""
+
+    def __init__(self, arch, num_classes, m):
+        super().__init__()
+        nets = [build_backbone(arch, num_classes) for _ in range(m)]
+        self.trunk = nn.Sequential(nets[0].stem, *nets[0].stages[:nets[0].split])
+        self.branches = nn.ModuleList(Branch(net) for net in nets)
+        self.trunk_channels, self.feature_dim = nets[0].widths[nets[0].split - 1], nets[0].feature_dim
+
+    def forward(self, x):
+        """x: one batch (B, 3, H, W) shared by every branch, or a list of m views (one per branch; the trunk
+        then runs once per view). Returns logits (m, B, C), pooled features (m, B, D), trunk output(s)."""
+        if isinstance(x, (list, tuple)):
+            t = [self.trunk(v) for v in x]
+            outs = [b(ti) for b, ti in zip(self.branches, t)]
+        else:
+            t = self.trunk(x)
+            outs = [b(t) for b in self.branches]
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]), t
+
+    def single(self, j):
+        """Trunk + branch j as one network (the deployed model of ONE, OKDDip and PCL)."""
+        return nn.Sequential(self.trunk, _LogitsOnly(self.branches[j]))
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, branch):
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x):
+        return self.branch(x)[0]
+
+
+# =====================================================================================================
+# 4. Data: the whole split as one uint8 tensor (N, 3, 32, 32) on the training device; augmentation
+#    (random crop with 4-pixel padding + horizontal flip) runs batched on that device.
+# =====================================================================================================
+DATASETS = ["cifar10", "cifar100", "folder", "fake"]
+TrainArgs.__dataclass_fields__["dataset"].metadata = {**TrainArgs.__dataclass_fields__["dataset"].metadata,
+                                                      "choices": DATASETS}
+# Per-dataset normalisation used by the OKDDip/PCL lineage; folder and fake compute theirs from the train split.
+MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
+
+
+@dataclass
+class Data:
+    train_x: torch.Tensor  # (N, 3, 32, 32) uint8, on the training device
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor  # (1, 3, 1, 1) float, in [0, 1] units
+    std: torch.Tensor
+    classes: list
+
+
+def _cifar(args, train):
+    import torchvision
+    cls = torchvision.datasets.CIFAR10 if args.dataset == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        ds = cls(args.data_dir, train=train, download=True)
+    except Exception as e:  # no network, disk full, corrupt archive: say so in one line
+        fail(f"could not load {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+             f"without internet use --dataset folder")
+    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), list(ds.classes)
+
+
+def _folder(root, split, classes=None):
+    """Read root/split/<class>/* (any image torchvision can decode) as uint8 (N, 3, 32, 32)."""
+    from torchvision.io import ImageReadMode, decode_image
+    d = os.path.join(root, split)
+    if not os.path.isdir(d):
+        fail(f"--dataset folder needs {d!r} with one sub-folder per class (train/<class>/*, test/<class>/*)")
+    found = sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
+    if not found:
+        fail(f"{d!r} has no class sub-folders; expected {split}/<class>/<image>")
+    if classes is not None and found != classes:
+        fail(f"class folders of {d!r} {found} differ from train's {classes}")
+    xs, ys = [], []
+    for label, c in enumerate(found):
+        for name in sorted(os.listdir(os.path.join(d, c))):
+            path = os.path.join(d, c, name)
+            try:
+                img = decode_image(path, mode=ImageReadMode.RGB)
+            except Exception:
+                fail(f"cannot decode image {path!r}")
+            if tuple(img.shape[1:]) != (32, 32):
+                fail(f"image {path!r} is {img.shape[2]}x{img.shape[1]}, expected 32x32")
+            xs.append(img)
+            ys.append(label)
+    if not xs:
+        fail(f"{d!r} contains no images")
+    return torch.stack(xs), torch.tensor(ys), found
+
+
+def make_fake(n, seed, num_classes=10):
+    """Deterministic synthetic 32x32 RGB set: each class is a smooth random colour pattern (a 4x4 grid
+    upsampled, the same for every split); an image is its class pattern at a random brightness plus noise
+    drawn from `seed`. A small CNN learns it in a few CPU epochs, and the pattern survives crop and flip.
+    Independent of --seed: the same data every run."""
+    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=torch.Generator().manual_seed(1234)),
+                             size=32, mode="bilinear", align_corners=False)  # (C, 3, 32, 32)
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % num_classes
+    x = patterns[y] * (0.6 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)) + 0.25 * torch.randn(n, 3, 32, 32, generator=g)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+
+def balanced_first(y, n, num_classes):
+    """Indices (in data order) of a class-balanced first n: the first n // C images of every class, and one
+    more of each of the first n % C classes."""
+    idx = [torch.nonzero(y == c).flatten()[:n // num_classes + (c < n % num_classes)] for c in range(num_classes)]
+    return torch.sort(torch.cat(idx)).values
+
+
+def load_data(args, device):
+    if args.dataset in ("cifar10", "cifar100"):
+        (tx, ty, classes), (vx, vy, _) = _cifar(args, True), _cifar(args, False)
+    elif args.dataset == "folder":
+        tx, ty, classes = _folder(args.data_dir, "train")
+        vx, vy, _ = _folder(args.data_dir, "test", classes)
+    elif args.dataset == "fake":
+        (tx, ty), (vx, vy) = make_fake(10000, seed=1), make_fake(2000, seed=2)
+        classes = [f"class{i}" for i in range(10)]
+    else:
+        fail(f"unknown --dataset {args.dataset!r}; choices: {', '.join(DATASETS)}")
+    for name, n, y in (("subset", args.subset, ty), ("test_subset", args.test_subset, vy)):
+        if n > len(y):
+            fail(f"--{name.replace('_', '-')} {n} is larger than the split ({len(y)} images)")
+    if args.subset:
+        keep = balanced_first(ty, args.subset, len(classes))
+        tx, ty = tx[keep], ty[keep]
+    if args.test_subset:
+        keep = balanced_first(vy, args.test_subset, len(classes))
+        vx, vy = vx[keep], vy[keep]
+    if args.dataset in MEAN_STD:
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEAN_STD[args.dataset])
+    else:
+        f = tx.float() / 255
+        mean, std = f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True)
+    return Data(tx.to(device), ty.to(device), vx.to(device), vy.to(device), mean.to(device), std.to(device), classes)
+
+
+def augment(x, data, gen, pad_mode="zero"):
+    """Random crop 32 from the image padded by 4 (zero = black pixels, before normalisation; or reflect)
+    and a horizontal flip with probability 1/2, for a whole uint8 batch at once; returns normalised float.
+    One gather does both: output pixel (i, j) reads padded pixel (oy + i, ox + j), or (oy + i, ox + 31 - j)
+    when flipped."""
+    B, dev = x.shape[0], x.device
+    xp = F.pad(x.float() / 255, (4, 4, 4, 4), mode="constant" if pad_mode == "zero" else "reflect")  # (B,3,40,40)
+    oy, ox = (torch.randint(0, 9, (B,), generator=gen, device=dev) for _ in range(2))
+    flip = torch.rand(B, generator=gen, device=dev) < 0.5
+    i = torch.arange(32, device=dev)
+    rows = oy[:, None] + i  # (B, 32)
+    cols = ox[:, None] + torch.where(flip[:, None], 31 - i, i)  # (B, 32)
+    out = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
+             rows[:, None, :, None], cols[:, None, None, :]]  # (B, 3, 32, 32)
+    return (out - data.mean) / data.std
+
+
+def train_batches(run, gen, views=1):
+    """One epoch of (x, y): shuffled, augmented on the device. x is a tensor, or a list of `views`
+    independently augmented copies of the same images (one per peer). A last batch of 1 image is dropped
+    (BatchNorm cannot train on it)."""
+    data, bs = run.data, run.args.batch_size
+    perm = torch.randperm(len(data.train_y), generator=gen, device=data.train_y.device)
+    for s in range(0, len(perm) - 1, bs):
+        idx = perm[s:s + bs]
+        xb = [run.layout(augment(data.train_x[idx], data, gen, run.args.pad_mode)) for _ in range(views)]
+        yield (xb[0] if views == 1 else xb), data.train_y[idx]
+
+
+# =====================================================================================================
+# 5. Training loop parts: setup, schedule, autocast, KD helper, evaluation, checkpoints, fit().
+# =====================================================================================================
+def kd_loss(student_logits, teacher_logits, T):
+    """KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch
+    (`reduction='batchmean'`, never 'mean', which would divide by C too). The T^2 keeps the gradient scale of
+    the soft term independent of T (Hinton et al.). The caller decides what is detached. (..., C) logits."""
+    s = F.log_softmax(student_logits.float() / T, dim=-1).flatten(0, -2)
+    t = F.log_softmax(teacher_logits.float() / T, dim=-1).flatten(0, -2)
+    return T * T * F.kl_div(s, t, reduction="batchmean", log_target=True)
+
+
+def sigmoid_rampup(epoch, length):
+    """w(e) = exp(-5 (1 - min(e, L)/L)^2) for the 0-based epoch e (Laine & Aila; the ONE/OKDDip/PCL code):
+    w(0) = 0.0067, w(L/2) = 0.287, w(>=L) = 1. L = 0 disables the ramp (w = 1)."""
+    if length <= 0:
+        return 1.0
+    return math.exp(-5.0 * (1.0 - min(epoch, length) / length) ** 2)
+
+
+def lr_factor(epoch, args):
+    """Step schedule: x lr_gamma at each milestone (fractions of --epochs; 0.5,0.75 of 300 = epochs 150,
+    225 counted from 0, i.e. the decayed LR is first used in the 151st epoch)."""
+    milestones = [round(float(v) * args.epochs) for v in args.lr_decay_at.split(",") if v.strip()]
+    return args.lr_gamma ** sum(epoch >= m for m in milestones)
+
+
+def sgd(params, args, weight_decay=None):
+    """The recipe's SGD (Nesterov momentum 0.9, wd 5e-4 by default)."""
+    wd = args.weight_decay if weight_decay is None else weight_decay
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=wd)
+
+
+@dataclass
+class Run:
+    args: object
+    method: str
+    device: torch.device
+    data: Data
+    out: str
+    amp: bool  # bf16 autocast active
+    channels_last: bool
+
+    @property
+    def num_classes(self):
+        return len(self.data.classes)
+
+    def layout(self, x):
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def autocast(self):
+        """bf16 autocast on CUDA (softmax, log_softmax, cross-entropy and KL still run in fp32); nothing on CPU."""
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
+
+    def to_device(self, module):
+        module = module.to(self.device)
+        return module.to(memory_format=torch.channels_last) if self.channels_last else module
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def setup(args, method):
+    """Validate arguments, pick the device, seed, prepare --out, load the data. Returns a Run."""
+    check_args(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA GPU is visible; choices: auto, cpu, cuda")
+    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    out = args.out or os.path.join("runs", f"{method}-{args.arch}-{args.dataset}-seed{args.seed}")
+    if args.arch not in BACKBONES:
+        fail(f"unknown --arch {args.arch!r}; choices: {', '.join(BACKBONES)}")
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if args.resume and not os.path.isfile(ckpt):
+        fail(f"--resume: no checkpoint at {ckpt!r}")
+    if not args.resume and os.path.isfile(ckpt):
+        fail(f"{out!r} already holds a run; continue it with --resume or choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+        _write_json(os.path.join(out, "config.json"), {"method": method, **dataclasses.asdict(args)})
+    except OSError as e:
+        fail(f"cannot write to --out {out!r} ({e.strerror})")
+    seed_everything(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = load_data(args, device)
+    cuda = device.type == "cuda"
+    return Run(args, method, device, data, out, amp=cuda and args.bf16, channels_last=cuda and args.channels_last)
+
+
+def _write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def _write_json(path, obj):
+    _write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def save_checkpoint(path, obj):
+    """Write to a temporary file, then rename: a crash during the save leaves the previous checkpoint."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def evaluate_all(run, modules, evaluate):
+    """Top-1 accuracy (%) of every model the method names: evaluate(x) -> {name: logits (B, C)}."""
+    for m in modules.values():
+        m.eval()
+    data, correct = run.data, {}
+    for s in range(0, len(data.test_y), run.args.eval_batch_size):
+        x = run.layout((data.test_x[s:s + run.args.eval_batch_size].float() / 255 - data.mean) / data.std)
+        y = data.test_y[s:s + run.args.eval_batch_size]
+        with run.autocast():
+            outs = evaluate(x)
+        for name, logits in outs.items():
+            correct[name] = correct.get(name, 0) + (logits.argmax(-1) == y).sum()
+    for m in modules.values():
+        m.train()
+    return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
+
+
+def fit(run, modules, optimizers, train_step, evaluate, deployed, views=1, averages=None):
+    """The epoch loop every method shares.
+
+    modules:    {name: nn.Module} everything with weights (checkpointed; eval mode while scoring).
+    optimizers: {name: Optimizer} every optimiser (checkpointed); the LR schedule scales each group's
+                initial LR by lr_factor(epoch).
+    train_step(x, y, epoch, step) -> {term: detached scalar tensor}; must contain 'loss'. epoch and step
+                are 0-based; step counts optimiser steps over the whole run.
+    evaluate(x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
+    averages:   {name: [model names]} extra rows: the mean of those models' accuracies (e.g. 'peer_avg').
+    """
+    args, ckpt_path = run.args, os.path.join(run.out, "checkpoint.pt")
+    gen = torch.Generator(device=run.device).manual_seed(args.seed)
+    start, history, best = 0, [], {"acc": -1.0, "epoch": 0}
+    if args.resume:
+        start, history, best = _load_checkpoint(run, ckpt_path, modules, optimizers, gen)
+    for opt in optimizers.values():
+        for g in opt.param_groups:
+            g.setdefault("base_lr", g["lr"])
+    n_train = len(run.data.train_y)
+    print(f"{run.method}.py | {args.arch} | {args.dataset} ({n_train} train / {len(run.data.test_y)} test, "
+          f"{run.num_classes} classes) | {run.device.type}{' bf16' if run.amp else ''} | seed {args.seed} | "
+          f"{args.epochs} epochs | out {run.out}", flush=True)
+    print("config " + json.dumps(dataclasses.asdict(args)), flush=True)
+    steps_per_epoch = len(range(0, n_train - 1, args.batch_size))
+    header_done, train_time, images = False, sum(h["sec"] for h in history), sum(h["images"] for h in history)
+    for epoch in range(start, args.epochs):
+        for opt in optimizers.values():
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_factor(epoch, args)
+        for m in modules.values():
+            m.train()
+        sums, bad, seen = {}, {}, 0
+        t0 = time.perf_counter()
+        for i, (x, y) in enumerate(train_batches(run, gen, views)):
+            step = epoch * steps_per_epoch + i
+            logs = train_step(x, y, epoch, step)
+            for k, v in logs.items():  # sums stay on the device: no host sync inside the epoch
+                v = v.detach().float()
+                sums[k] = sums.get(k, 0) + v * len(y)
+                first = bad.get(k, torch.full((), -1, device=v.device))  # first non-finite step, or -1
+                bad[k] = torch.where((first < 0) & ~torch.isfinite(v), step, first)
+            seen += len(y)
+            if args.log_every and (i + 1) % args.log_every == 0:
+                print(f"  step {i + 1}/{steps_per_epoch} loss {logs['loss'].item():.4f}", flush=True)
+        bad_steps = {k: int(v) for k, v in bad.items() if int(v) >= 0}
+        if bad_steps:
+            k = min(bad_steps, key=bad_steps.get)
+            fail(f"non-finite loss term {k!r} at epoch {epoch + 1}, step {bad_steps[k] - epoch * steps_per_epoch + 1}; "
+                 f"the last good checkpoint is kept in {run.out!r} (lower --lr?)")
+        if run.device.type == "cuda":
+            torch.cuda.synchronize()
+        sec = time.perf_counter() - t0
+        accs = evaluate_all(run, modules, evaluate)
+        for name, members in (averages or {}).items():
+            accs[name] = sum(accs[m] for m in members) / len(members)
+        train_time, images = train_time + sec, images + seen
+        row = {"epoch": epoch + 1, "lr": optimizers[next(iter(optimizers))].param_groups[0]["lr"],
+               **{k: (v / seen).item() for k, v in sums.items()}, **{f"acc/{k}": v for k, v in accs.items()},
+               "sec": sec, "images": seen, "images_per_s": seen / sec}
+        history.append(row)
+        if accs[deployed] > best["acc"]:
+            best = {"acc": accs[deployed], "epoch": epoch + 1}
+        if not header_done:
+            cols = ["epoch", "lr"] + list(sums) + [f"acc/{k}" for k in accs] + ["sec", "img/s"]
+            print(" | ".join(f"{c:>{max(7, len(c))}}" for c in cols), flush=True)
+            header_done = True
+        vals = [f"{epoch + 1:>7}", f"{row['lr']:>7.4f}"] + [f"{row[k]:>{max(7, len(k))}.4f}" for k in sums] + \
+               [f"{accs[k]:>{max(7, len(k) + 4)}.2f}" for k in accs] + [f"{sec:>7.1f}", f"{seen / sec:>7.0f}"]
+        print(" | ".join(vals), flush=True)
+        _write_text(os.path.join(run.out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+        save_checkpoint(ckpt_path, {
+            "epoch": epoch + 1, "meta": _meta(run), "history": history, "best": best,
+            "modules": {k: m.state_dict() for k, m in modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+            "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None})
+    last = history[-1]
+    models = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
+    final = {**_meta(run), "epochs": args.epochs, "seed": args.seed, "device": _device_name(run.device),
+             "deployed": deployed, "test_acc": models[deployed], "best_test_acc": best["acc"],
+             "best_epoch": best["epoch"], "models": models,
+             "train_time_s": train_time, "images_per_s": images / max(train_time, 1e-9),
+             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+             "date": datetime.date.today().isoformat(), "torch": torch.__version__}
+    _write_json(os.path.join(run.out, "final.json"), final)
+    others = " | ".join(f"{k} {v:.2f}" for k, v in models.items() if k != deployed)
+    print(f"final | {deployed} {final['test_acc']:.2f} (last) {best['acc']:.2f} (best, epoch {best['epoch']}) | "
+          f"{others} | {train_time / 60:.1f} min", flush=True)
+    return final
+
+
+def _meta(run):
+    return {"method": run.method, "arch": run.args.arch, "dataset": run.args.dataset, "num_classes": run.num_classes}
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def _load_checkpoint(run, path, modules, optimizers, gen):
+    try:
+        ck = torch.load(path, map_location=run.device, weights_only=False)
+    except Exception as e:
+        fail(f"--resume: cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupt or not a checkpoint")
+    if not isinstance(ck, dict) or ck.get("meta") != _meta(run):
+        fail(f"--resume: checkpoint {path!r} is from another run ({ck.get('meta') if isinstance(ck, dict) else '?'}), "
+             f"not {_meta(run)}")
+    for k, m in modules.items():
+        m.load_state_dict(ck["modules"][k])
+    for k, o in optimizers.items():
+        o.load_state_dict(ck["optimizers"][k])
+    gen.set_state(ck["gen"].cpu() if run.device.type == "cpu" else ck["gen"])
+    torch.set_rng_state(ck["torch_rng"].cpu())
+    if ck["cuda_rng"] is not None and run.device.type == "cuda":
+        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    print(f"resumed from {path} after epoch {ck['epoch']}", flush=True)
+    return ck["epoch"], ck["history"], ck["best"]
