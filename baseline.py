@@ -34,6 +34,11 @@ def build_model(args, num_classes):
     return common.build_backbone(args.arch, num_classes)
 
 
+def build_optimizers(model, args):
+    # BOILERPLATE: the recipe's SGD over every trainable parameter.
+    return {"sgd": common.sgd(model.parameters(), args)}
+
+
 # ===== 4. Loss =====
 def baseline_loss(logits, y, args):
     """logits: (B, C). Returns (loss, logs)."""
@@ -43,13 +48,13 @@ def baseline_loss(logits, y, args):
 
 
 # ===== 5. Train step =====
-def train_step(model, optimizer, x, y, epoch, step, run):
+def train_step(model, optimizers, x, y, epoch, step, run):
     with run.autocast():
         logits = model(x)  # (B, C)
         loss, logs = baseline_loss(logits, y, run.args)
-    optimizer.zero_grad(set_to_none=True)
+    optimizers["sgd"].zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
+    optimizers["sgd"].step()
     return logs
 
 
@@ -63,10 +68,8 @@ def evaluate(model, x):
 def main(args):
     run = common.setup(args, method="baseline")
     model = run.to_device(build_model(args, run.num_classes))
-    optimizer = common.sgd(model.parameters(), args)
-    return common.fit(run, {"model": model}, {"sgd": optimizer},
-                      train_step=lambda x, y, epoch, step: train_step(model, optimizer, x, y, epoch, step, run),
-                      evaluate=lambda x: evaluate(model, x), deployed="net")
+    optimizers = build_optimizers(model, args)
+    return common.fit(run, model, optimizers, train_step, evaluate, deployed="net")
 
 
 if __name__ == "__main__":

@@ -546,39 +546,38 @@ def save_checkpoint(path, obj):
 
 
 @torch.no_grad()
-def evaluate_all(run, modules, evaluate):
-    """Top-1 accuracy (%) of every model the method names: evaluate(x) -> {name: logits (B, C)}."""
-    for m in modules.values():
-        m.eval()
+def evaluate_all(run, model, evaluate):
+    """Top-1 accuracy (%) of every model the method names: evaluate(model, x) -> {name: logits (B, C)}."""
+    model.eval()
     data, correct = run.data, {}
     for s in range(0, len(data.test_y), run.args.eval_batch_size):
         x = run.layout((data.test_x[s:s + run.args.eval_batch_size].float() / 255 - data.mean) / data.std)
         y = data.test_y[s:s + run.args.eval_batch_size]
         with run.autocast():
-            outs = evaluate(x)
+            outs = evaluate(model, x)
         for name, logits in outs.items():
             correct[name] = correct.get(name, 0) + (logits.argmax(-1) == y).sum()
-    for m in modules.values():
-        m.train()
+    model.train()
     return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
 
 
-def fit(run, modules, optimizers, train_step, evaluate, deployed, views=1, averages=None):
-    """The epoch loop every method shares.
+def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None):
+    """The epoch loop every method shares; the method supplies the parts it owns.
 
-    modules:    {name: nn.Module} everything with weights (checkpointed; eval mode while scoring).
+    model:      nn.Module holding every weight of the method (checkpointed; eval mode while scoring).
     optimizers: {name: Optimizer} every optimiser (checkpointed); the LR schedule scales each group's
                 initial LR by lr_factor(epoch).
-    train_step(x, y, epoch, step) -> {term: detached scalar tensor}; must contain 'loss'. epoch and step
-                are 0-based; step counts optimiser steps over the whole run.
-    evaluate(x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
-    averages:   {name: [model names]} extra rows: the mean of those models' accuracies (e.g. 'peer_avg').
+    train_step(model, optimizers, x, y, epoch, step, run) -> {term: detached scalar tensor}, with 'loss'.
+                epoch and step are 0-based; step counts batches over the whole run. x is a batch, or a list
+                of `views` independently augmented copies of it.
+    evaluate(model, x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
+    averages:   {name: [model names]} extra columns: the mean of those models' accuracies (e.g. 'peer_avg').
     """
     args, ckpt_path = run.args, os.path.join(run.out, "checkpoint.pt")
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
     start, history, best = 0, [], {"acc": -1.0, "epoch": 0}
     if args.resume:
-        start, history, best = _load_checkpoint(run, ckpt_path, modules, optimizers, gen)
+        start, history, best = _load_checkpoint(run, ckpt_path, model, optimizers, gen)
     for opt in optimizers.values():
         for g in opt.param_groups:
             g.setdefault("base_lr", g["lr"])
@@ -593,13 +592,12 @@ def fit(run, modules, optimizers, train_step, evaluate, deployed, views=1, avera
         for opt in optimizers.values():
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_factor(epoch, args)
-        for m in modules.values():
-            m.train()
+        model.train()
         sums, bad, seen = {}, {}, 0
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(train_batches(run, gen, views)):
             step = epoch * steps_per_epoch + i
-            logs = train_step(x, y, epoch, step)
+            logs = train_step(model, optimizers, x, y, epoch, step, run)
             for k, v in logs.items():  # sums stay on the device: no host sync inside the epoch
                 v = v.detach().float()
                 sums[k] = sums.get(k, 0) + v * len(y)
@@ -616,7 +614,7 @@ def fit(run, modules, optimizers, train_step, evaluate, deployed, views=1, avera
         if run.device.type == "cuda":
             torch.cuda.synchronize()
         sec = time.perf_counter() - t0
-        accs = evaluate_all(run, modules, evaluate)
+        accs = evaluate_all(run, model, evaluate)
         for name, members in (averages or {}).items():
             accs[name] = sum(accs[m] for m in members) / len(members)
         train_time, images = train_time + sec, images + seen
@@ -636,7 +634,7 @@ def fit(run, modules, optimizers, train_step, evaluate, deployed, views=1, avera
         _write_text(os.path.join(run.out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
         save_checkpoint(ckpt_path, {
             "epoch": epoch + 1, "meta": _meta(run), "history": history, "best": best,
-            "modules": {k: m.state_dict() for k, m in modules.items()},
+            "model": model.state_dict(),
             "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
             "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None})
@@ -649,9 +647,9 @@ def fit(run, modules, optimizers, train_step, evaluate, deployed, views=1, avera
              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
              "date": datetime.date.today().isoformat(), "torch": torch.__version__}
     _write_json(os.path.join(run.out, "final.json"), final)
-    others = " | ".join(f"{k} {v:.2f}" for k, v in models.items() if k != deployed)
-    print(f"final | {deployed} {final['test_acc']:.2f} (last) {best['acc']:.2f} (best, epoch {best['epoch']}) | "
-          f"{others} | {train_time / 60:.1f} min", flush=True)
+    parts = [f"{deployed} {final['test_acc']:.2f} (last) {best['acc']:.2f} (best, epoch {best['epoch']})"]
+    parts += [f"{k} {v:.2f}" for k, v in models.items() if k != deployed] + [f"{train_time / 60:.1f} min"]
+    print("final | " + " | ".join(parts), flush=True)
     return final
 
 
@@ -663,7 +661,7 @@ def _device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _load_checkpoint(run, path, modules, optimizers, gen):
+def _load_checkpoint(run, path, model, optimizers, gen):
     try:
         ck = torch.load(path, map_location=run.device, weights_only=False)
     except Exception as e:
@@ -671,8 +669,7 @@ def _load_checkpoint(run, path, modules, optimizers, gen):
     if not isinstance(ck, dict) or ck.get("meta") != _meta(run):
         fail(f"--resume: checkpoint {path!r} is from another run ({ck.get('meta') if isinstance(ck, dict) else '?'}), "
              f"not {_meta(run)}")
-    for k, m in modules.items():
-        m.load_state_dict(ck["modules"][k])
+    model.load_state_dict(ck["model"])
     for k, o in optimizers.items():
         o.load_state_dict(ck["optimizers"][k])
     gen.set_state(ck["gen"].cpu() if run.device.type == "cpu" else ck["gen"])

@@ -57,6 +57,11 @@ def build_model(args, num_classes):
     return nn.ModuleList(common.build_backbone(args.arch, num_classes) for _ in range(args.num_peers))
 
 
+def build_optimizers(model, args):
+    # BOILERPLATE: the recipe's SGD over every trainable parameter.
+    return {"sgd": common.sgd(model.parameters(), args)}
+
+
 # ===== 4. Loss =====
 def dml_loss(logits, y, args):
     """logits: (K, B, C), one row per peer. Returns (L = sum_k L_k, logs)."""
@@ -74,14 +79,14 @@ def dml_loss(logits, y, args):
 
 
 # ===== 5. Train step =====
-def train_step(model, optimizer, x, y, epoch, step, run):
+def train_step(model, optimizers, x, y, epoch, step, run):
     if run.args.update == "joint":
         with run.autocast():
             logits = torch.stack([net(x) for net in model])  # (K, B, C)
             loss, logs = dml_loss(logits, y, run.args)
-        optimizer.zero_grad(set_to_none=True)
+        optimizers["sgd"].zero_grad(set_to_none=True)
         loss.backward()  # peers are detached, so network k receives exactly the gradient of its own L_k
-        optimizer.step()
+        optimizers["sgd"].step()
         return logs
     # ALGO: Algorithm 1 (sequential): for k = 1..K, recompute the peers with their current weights (no grad;
     # train mode, so their BN statistics are updated again), then step network k only. The optimiser skips
@@ -92,9 +97,9 @@ def train_step(model, optimizer, x, y, epoch, step, run):
                 peers = [net(x) for net in model]
             logits = torch.stack([model[k](x) if l == k else peers[l] for l in range(len(model))])  # (K, B, C)
             loss, logs = dml_loss(logits, y, run.args)
-        optimizer.zero_grad(set_to_none=True)
+        optimizers["sgd"].zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        optimizers["sgd"].step()
     return logs
 
 
@@ -109,10 +114,8 @@ def evaluate(model, x):
 def main(args):
     run = common.setup(args, method="dml")
     model = run.to_device(build_model(args, run.num_classes))
-    optimizer = common.sgd(model.parameters(), args)
-    return common.fit(run, {"model": model}, {"sgd": optimizer},
-                      train_step=lambda x, y, epoch, step: train_step(model, optimizer, x, y, epoch, step, run),
-                      evaluate=lambda x: evaluate(model, x), deployed="peer1",
+    optimizers = build_optimizers(model, args)
+    return common.fit(run, model, optimizers, train_step, evaluate, deployed="peer1",
                       averages={"peer_avg": [f"peer{k + 1}" for k in range(args.num_peers)]})
 
 

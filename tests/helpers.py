@@ -31,3 +31,14 @@ def run_script(*argv, timeout=300):
     """Run `python <argv...>` in the repository root; returns the CompletedProcess (text output)."""
     return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def fake_run(args, n=64):
+    """A common.Run on n synthetic CPU images, without an output folder: for calling a method's
+    build_model / build_optimizers / train_step / evaluate directly."""
+    import common
+    x, y = common.make_fake(n, seed=1)
+    f = x.float() / 255
+    data = common.Data(x, y, x, y, f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True),
+                       [f"class{i}" for i in range(10)])
+    return common.Run(args, "test", torch.device("cpu"), data, out="", amp=False, channels_last=False)
