@@ -359,15 +359,16 @@ def _folder(root, split, classes=None):
 
 
 def make_fake(n, seed, num_classes=10):
-    """Deterministic synthetic 32x32 RGB set: each class is a smooth random colour pattern (a 4x4 grid
-    upsampled, the same for every split); an image is its class pattern at a random brightness plus noise
-    drawn from `seed`. A small CNN learns it in a few CPU epochs, and the pattern survives crop and flip.
-    Independent of --seed: the same data every run."""
-    patterns = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=torch.Generator().manual_seed(1234)),
-                             size=32, mode="bilinear", align_corners=False)  # (C, 3, 32, 32)
+    """Deterministic synthetic 32x32 RGB set: each class has its own colour plus a smooth random pattern (a 4x4
+    grid upsampled), the same for every split; an image is its class template at a random brightness plus
+    pixel noise drawn from `seed`. A small CNN learns it in a few CPU epochs, and the class survives crop and
+    flip. Independent of --seed: the same data every run."""
+    g = torch.Generator().manual_seed(1234)
+    colour, grid = torch.rand(num_classes, 3, 1, 1, generator=g), torch.rand(num_classes, 3, 4, 4, generator=g)
+    templates = 0.6 * colour + 0.4 * F.interpolate(grid, size=32, mode="bilinear", align_corners=False)  # (C,3,32,32)
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % num_classes
-    x = patterns[y] * (0.6 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)) + 0.25 * torch.randn(n, 3, 32, 32, generator=g)
+    x = templates[y] * (0.8 + 0.2 * torch.rand(n, 1, 1, 1, generator=g)) + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
@@ -642,7 +643,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
     models = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
     final = {**_meta(run), "epochs": args.epochs, "seed": args.seed, "device": _device_name(run.device),
              "deployed": deployed, "test_acc": models[deployed], "best_test_acc": best["acc"],
-             "best_epoch": best["epoch"], "models": models,
+             "best_epoch": best["epoch"], "models": models, "train_loss": last["loss"],
              "train_time_s": train_time, "images_per_s": images / max(train_time, 1e-9),
              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
              "date": datetime.date.today().isoformat(), "torch": torch.__version__}
