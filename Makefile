@@ -18,3 +18,7 @@ smoke: ## one tiny CPU epoch of every script on the synthetic set
 
 diff: ## changed lines of each method file against baseline.py
 	@for m in $(METHODS); do [ -f $$m.py ] && printf "  %-10s %4d lines differ from baseline.py\n" $$m.py $$(diff baseline.py $$m.py | grep -c '^[<>]'); done; true
+
+.PHONY: bench
+bench: ## training speed of this repo's path vs a DataLoader+PIL+fp32 reference path, in one run (table + runs/bench.json)
+	$(PY) tools/bench.py

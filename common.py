@@ -464,9 +464,12 @@ def lr_factor(epoch, args):
 
 
 def sgd(params, args, weight_decay=None):
-    """The recipe's SGD (Nesterov momentum 0.9, wd 5e-4 by default)."""
+    """The recipe's SGD (Nesterov momentum 0.9, wd 5e-4 by default); one fused kernel per step on CUDA."""
+    params = list(params)
     wd = args.weight_decay if weight_decay is None else weight_decay
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=wd)
+    fused = bool(params) and all(p.is_cuda for p in params)  # BOILERPLATE: speed only, same update rule
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=wd,
+                           fused=fused or None)
 
 
 @dataclass
