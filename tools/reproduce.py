@@ -330,6 +330,8 @@ def render(rows):
         if not synthetic and epochs < 300:
             parts.append(f" Schedule: {epochs} epochs instead of the paper recipe's 300 (LR steps at the same "
                          f"fractions), so absolute accuracy is below the paper's; compare gains and ordering.")
+        if not synthetic and any(" --subset " in r["command"] for r in rs):
+            parts.append(" Trained on a SUBSET of the training images (see the commands): not the paper's setting.")
         parts.append(" Top-1 % of the deployed model at the last epoch (headline) and at its best test epoch, "
                      "mean ± sample std over seeds; gain = our mean minus our baseline's mean.\n\n")
         head = ["method", "backbone", "seeds", "deployed model", "last epoch", "best epoch", "gain vs baseline"]
