@@ -366,7 +366,9 @@ def write_report(opts):
         with open(opts.results_md, "w") as f:
             f.write("# Results\n\n" + header + "\n" + text)
         print(f"wrote {_rel(opts.results_md)}")
-    if opts.readme and os.path.isfile(opts.readme):
+    if opts.readme and not os.path.isfile(opts.readme):
+        print(f"no {_rel(opts.readme)}; only the standalone table was written")
+    elif opts.readme:
         with open(opts.readme) as f:
             readme = f.read()
         pattern = re.compile(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), re.S)
