@@ -1,7 +1,8 @@
 PY ?= python3
 METHODS = dml one okddip pcl ffsd
+GRID ?= short
 
-.PHONY: help install test smoke diff
+.PHONY: help install test smoke diff bench reproduce report
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -19,6 +20,11 @@ smoke: ## one tiny CPU epoch of every script on the synthetic set
 diff: ## changed lines of each method file against baseline.py
 	@for m in $(METHODS); do [ -f $$m.py ] && printf "  %-10s %4d lines differ from baseline.py\n" $$m.py $$(diff baseline.py $$m.py | grep -c '^[<>]'); done; true
 
-.PHONY: bench
 bench: ## training speed of this repo's path vs a DataLoader+PIL+fp32 reference path, in one run (table + runs/bench.json)
 	$(PY) tools/bench.py
+
+reproduce: ## run the results grid GRID (tiny, short, table1, table1-jpeg; DATA_DIR=...); run again to continue
+	$(PY) tools/reproduce.py run $(GRID) $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+
+report: ## render results/ into RESULTS.md and README.md's results section
+	$(PY) tools/reproduce.py report

@@ -1,0 +1,419 @@
+"""Reproduce a results grid and render it: methods x backbones x data x seeds under one schedule.
+
+Each run is exactly a user's command (`python <method>.py ...`, started as a subprocess) with a fixed output
+folder `runs/<grid>/<method>-<arch>-<data>-seed<seed>/`. When a run finishes, one small JSON is written to
+`results/<grid>/<same name>.json` (commit it): the command, device, date, code version (git commit and a
+dirty flag), wall time and the run's final.json numbers. Running the same grid again skips recorded runs,
+continues an unfinished run from its checkpoint (`--resume`) and starts the rest, so a long grid can be
+filled over several sessions: stop it at any time (Ctrl-C) and run the same command again.
+
+    python tools/reproduce.py run tiny                                   # CPU, synthetic data, ~1 min/run
+    python tools/reproduce.py run short --data-dir data/cifar10-jpeg     # GPU, 6 scripts x 30 epochs
+    python tools/reproduce.py run table1                                 # GPU, 6 scripts x 300 epochs x 3 seeds
+    python tools/reproduce.py list short                                 # the commands, and what is done
+    python tools/reproduce.py report      # results/ -> RESULTS.md and README.md (between the results markers)
+
+Grids (`GRIDS` below): tiny = every method script present, resnet8, synthetic `fake` data, 2 epochs, 512
+images (a check of the pipeline, never compared with a paper); short = the six scripts, resnet32, real
+CIFAR-10 images as JPEG (`--dataset folder`), 30 epochs, 1 seed; table1 = the six scripts, resnet32,
+CIFAR-10 (torchvision), the full 300-epoch recipe, 3 seeds; table1-jpeg = table1 on the JPEG folder (for
+machines without internet). The report puts PCL Table 1's CIFAR-10 ResNet-32 figures beside ours.
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ALL_METHODS = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]  # table order
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+# What each kind of data is, how a run reads it, and whether a paper figure may stand beside it.
+DATA = {
+    "fake": dict(flags=["--dataset", "fake"], synthetic=True, paper=None, folder=False,
+                 label="SYNTHETIC data (`--dataset fake`, 10 classes, chance 10 %): a check that the pipeline "
+                       "runs and learns; not comparable to any published figure"),
+    "cifar10-jpeg": dict(flags=["--dataset", "folder"], synthetic=False, paper="cifar10", folder=True,
+                         label="real CIFAR-10 images re-encoded as JPEG (quality 75), read with `--dataset "
+                               "folder`: absolute accuracy runs a little below published CIFAR-10 figures; "
+                               "compare gains and the ordering of methods"),
+    "cifar10": dict(flags=["--dataset", "cifar10"], synthetic=False, paper="cifar10", folder=False,
+                    label="CIFAR-10 (torchvision download)"),
+}
+
+# A grid: which scripts, backbones, data, seeds and schedule; `flags` are passed to every run unchanged.
+GRIDS = {
+    "tiny": dict(methods=None, archs=["resnet8"], data="fake", seeds=[0], epochs=2,
+                 flags=["--subset", "512", "--test-subset", "200", "--batch-size", "64", "--device", "cpu"]),
+    "short": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10-jpeg", seeds=[0], epochs=30, flags=[]),
+    "table1": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10", seeds=[0, 1, 2], epochs=300, flags=[]),
+    "table1-jpeg": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10-jpeg", seeds=[0, 1, 2], epochs=300,
+                        flags=[]),
+}
+
+# Published CIFAR-10 ResNet-32 top-1 accuracy (%) = 100 - error of PCL (Wu & Gong, AAAI 2021) Table 1,
+# mean +- std as published. PCL reports the other methods as re-run by its authors (model not stated).
+PAPER_SOURCE = "PCL Table 1 (error % converted to accuracy)"
+PAPER = {("cifar10", "resnet32"): {"baseline": (93.26, 0.15), "dml": (93.94, 0.07), "one": (94.20, 0.12),
+                                   "okddip": (94.17, 0.15), "pcl": (94.33, 0.12)}}
+NO_PAPER = {"ffsd": "none: FFSD publishes CIFAR-100 only"}
+
+MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+# =====================================================================================================
+# 1. The runs of a grid
+# =====================================================================================================
+def _rel(path):
+    """A path as the method script (cwd = repository root) should see it: relative when inside the root."""
+    path = os.path.abspath(path)
+    inside = os.path.commonpath([path, ROOT]) == ROOT
+    return os.path.relpath(path, ROOT) if inside else path
+
+
+def plan(grid, opts):
+    """The grid's runs: [{name, method, arch, data, seed, epochs, argv, out, result}] (argv without --resume)."""
+    if grid not in GRIDS:
+        fail(f"unknown grid {grid!r}; choices: {', '.join(GRIDS)}")
+    g = GRIDS[grid]
+    present = [m for m in ALL_METHODS if os.path.isfile(os.path.join(ROOT, f"{m}.py"))]
+    methods = opts.methods.split(",") if opts.methods else (g["methods"] or present)
+    missing = [m for m in methods if m not in present]
+    if missing:
+        fail(f"grid {grid!r} needs {', '.join(m + '.py' for m in missing)}, not in this checkout; "
+             f"run a part with --methods {','.join(m for m in methods if m in present) or 'baseline'}")
+    seeds = [int(s) for s in opts.seeds.split(",")] if opts.seeds else g["seeds"]
+    data = DATA[g["data"]]
+    # flag -> value, in command order; an override replaces the grid's value rather than repeating the flag
+    flags = dict(zip(data["flags"][0::2], data["flags"][1::2]))
+    if data["folder"] or g["data"] == "cifar10":
+        flags["--data-dir"] = _rel(opts.data_dir or os.path.join(ROOT, "data", "cifar10-jpeg" if data["folder"] else ""))
+    flags["--epochs"] = str(opts.epochs or g["epochs"])
+    flags.update(zip(g["flags"][0::2], g["flags"][1::2]))
+    if opts.subset:
+        flags["--subset"] = str(opts.subset)
+    if opts.device and "--device" not in g["flags"]:
+        flags["--device"] = opts.device
+    flags = [x for kv in flags.items() for x in kv]
+    epochs = int(flags[flags.index("--epochs") + 1])
+    runs = []
+    for arch in g["archs"]:
+        for method in methods:
+            for seed in seeds:
+                name = f"{method}-{arch}-{g['data']}-seed{seed}"
+                out = os.path.join(opts.runs, grid, name)
+                argv = [f"{method}.py", "--arch", arch, *flags, "--seed", str(seed), "--out", _rel(out)]
+                runs.append(dict(name=name, grid=grid, method=method, arch=arch, data=g["data"], seed=seed,
+                                 epochs=epochs, argv=argv, out=out,
+                                 result=os.path.join(opts.results, grid, name + ".json")))
+    return runs
+
+
+def state(r):
+    """'done' (result JSON recorded), 'finished' (final.json, not yet recorded), 'resume' (checkpoint, no
+    final.json: interrupted) or 'new'."""
+    if os.path.isfile(r["result"]):
+        return "done"
+    if os.path.isfile(os.path.join(r["out"], "final.json")):
+        return "finished"
+    if os.path.isfile(os.path.join(r["out"], "checkpoint.pt")):
+        return "resume"
+    return "new"
+
+
+def check_same_config(r):
+    """An existing run folder must have been started with this run's flags; else stop (never mix settings)."""
+    path = os.path.join(r["out"], "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        config = json.load(f)
+    argv = r["argv"][1:]
+    for flag, value in zip(argv[0::2], argv[1::2]):
+        key = flag[2:].replace("-", "_")
+        # (--out and --data-dir may be spelled differently or moved; every other flag must match)
+        if key in config and key not in ("out", "data_dir") and str(config[key]) != value:
+            fail(f"{r['out']!r} was started with {flag} {config[key]}, this grid asks {value}; "
+                 f"remove that folder or choose another --runs")
+
+
+def code_version():
+    """Git commit of the code and whether tracked or untracked files differ from it (results/ and the
+    rendered tables excluded: the grid writes those itself). None where this is not a git checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)results",
+                                 ":(exclude)RESULTS.md", ":(exclude)README.md"],
+                                cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(status.strip())}
+
+
+def launch(argv, log_path, quiet):
+    """Run `python <argv>` in the repository root; its output goes to log_path (appended) and, unless
+    quiet, to the console. Returns the exit status."""
+    with open(log_path, "a") as log:
+        p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, bufsize=1)
+        try:
+            for line in p.stdout:
+                log.write(line)
+                if not quiet:
+                    print("    " + line, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C reached the child too: let it stop, then stop the grid
+            p.wait()
+            raise
+        return p.wait()
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def record(r):
+    """Write results/<grid>/<run>.json from the run folder's final.json and invocation log."""
+    with open(os.path.join(r["out"], "final.json")) as f:
+        final = json.load(f)
+    sessions = _read_sessions(r)
+    _write_json(r["result"], {
+        "grid": r["grid"], "name": r["name"], "method": r["method"], "arch": r["arch"], "data": r["data"],
+        "synthetic": DATA[r["data"]]["synthetic"], "seed": r["seed"], "epochs": final["epochs"],
+        "command": "python " + shlex.join(r["argv"]),
+        "device": final["device"], "date": final["date"], "torch": final.get("torch"),
+        "code": sessions[-1]["code"] if sessions else code_version(),
+        "wall_time_s": round(sum(s["wall_s"] or 0 for s in sessions), 1),
+        "train_time_s": round(final["train_time_s"], 1), "images_per_s": round(final["images_per_s"], 1),
+        "sessions": sessions,  # one entry per invocation: resumed or not, code version, wall time
+        "deployed": final["deployed"], "test_acc": final["test_acc"], "best_test_acc": final["best_test_acc"],
+        "best_epoch": final["best_epoch"], "models": final["models"]})
+
+
+def _read_sessions(r):
+    path = os.path.join(r["out"], "reproduce-sessions.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_grid(grid, opts):
+    runs = plan(grid, opts)
+    todo = [r for r in runs if state(r) != "done"]
+    print(f"grid {grid}: {len(runs)} runs, {len(runs) - len(todo)} already recorded in {_rel(opts.results)}/{grid}/",
+          flush=True)
+    if DATA[GRIDS[grid]["data"]]["folder"] and todo:
+        check_data_folder(os.path.join(ROOT, runs[0]["argv"][runs[0]["argv"].index("--data-dir") + 1]))
+    for i, r in enumerate(todo):
+        st = state(r)
+        if st != "finished":
+            check_same_config(r)
+            argv = r["argv"] + (["--resume"] if st == "resume" else [])
+            print(f"[{i + 1}/{len(todo)}] {'continue' if st == 'resume' else 'start'}: python {shlex.join(argv)}",
+                  flush=True)
+            os.makedirs(r["out"], exist_ok=True)
+            sessions = _read_sessions(r)
+            sessions.append({"resumed": st == "resume", "code": code_version(),
+                             "started": datetime.datetime.now().isoformat(timespec="seconds"), "wall_s": None})
+            t0 = time.time()
+            try:
+                rc = launch(argv, os.path.join(r["out"], "stdout.log"), opts.quiet)
+            except KeyboardInterrupt:
+                rc = None
+            sessions[-1]["wall_s"] = round(time.time() - t0, 1)
+            _write_json(os.path.join(r["out"], "reproduce-sessions.json"), sessions)
+            if rc is None:
+                raise SystemExit(f"stopped; run the same command again to continue {r['name']} from its checkpoint")
+            if rc != 0:
+                fail(f"{r['name']} exited with status {rc}; its output is in {_rel(os.path.join(r['out'], 'stdout.log'))}")
+        record(r)
+        print(f"  recorded {_rel(r['result'])}", flush=True)
+    return runs
+
+
+def check_data_folder(data_dir):
+    train = os.path.join(data_dir, "train")
+    found = sorted(os.listdir(train)) if os.path.isdir(train) else []
+    if found != CIFAR10_CLASSES:
+        fail(f"--data-dir {data_dir!r} is not the CIFAR-10 image folder (expected train/ and test/ with the "
+             f"10 class folders {', '.join(CIFAR10_CLASSES)}); unpack the JPEG archive first (see README)")
+
+
+# =====================================================================================================
+# 2. The report: results/ -> markdown tables
+# =====================================================================================================
+def load_results(results_dir):
+    out = []
+    for grid in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
+        d = os.path.join(results_dir, grid)
+        for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if name.endswith(".json"):
+                with open(os.path.join(d, name)) as f:
+                    out.append(json.load(f))
+    return out
+
+
+def mean_std(values):
+    """Mean and SAMPLE standard deviation (n - 1; None for one value)."""
+    n = len(values)
+    m = sum(values) / n
+    return m, (math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1)) if n > 1 else None)
+
+
+def fmt(m, s):
+    return f"{m:.2f}" if s is None else f"{m:.2f} ± {s:.2f}"
+
+
+def summarize(results):
+    """One row per (grid, data, arch, epochs, method), with mean/std over seeds, the gain over the same
+    group's baseline, and the paper figure (never for synthetic data)."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["grid"], r["data"], r["arch"], r["epochs"], r["method"]), []).append(r)
+    rows = {}
+    for (grid, data, arch, epochs, method), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        last, best = mean_std([r["test_acc"] for r in rs]), mean_std([r["best_test_acc"] for r in rs])
+        synthetic = any(r.get("synthetic", True) for r in rs) or DATA.get(data, {}).get("synthetic", True)
+        paper_key = None if synthetic else (DATA[data]["paper"], arch)
+        paper = PAPER.get(paper_key, {}) if paper_key else {}
+        rows[(grid, data, arch, epochs, method)] = dict(
+            grid=grid, data=data, arch=arch, epochs=epochs, method=method, synthetic=synthetic,
+            seeds=[r["seed"] for r in rs], deployed=sorted({r["deployed"] for r in rs}),
+            last=last, best=best, best_epochs=[r["best_epoch"] for r in rs],
+            devices=sorted({r["device"] for r in rs}), dates=sorted({r["date"] for r in rs}),
+            commits=sorted({(r["code"]["commit"] or "unknown")[:9] + ("+dirty" if r["code"]["dirty"] else "")
+                            for r in rs}),
+            command=rs[0]["command"],
+            paper=paper.get(method) if paper_key else None, paper_gain=None, gain=None,
+            paper_note=None if synthetic else (NO_PAPER.get(method) or ("" if paper.get(method) else "none")))
+    for key, row in rows.items():
+        base = rows.get(key[:4] + ("baseline",))
+        if base is not None and row["method"] != "baseline":
+            row["gain"] = row["last"][0] - base["last"][0]
+        if row["paper"] and row["method"] != "baseline" and base is not None and base["paper"]:
+            row["paper_gain"] = row["paper"][0] - base["paper"][0]
+    order = {m: i for i, m in enumerate(ALL_METHODS)}
+    grids = ["table1", "table1-jpeg", "short", "tiny"]  # real data first, synthetic last
+    return sorted(rows.values(), key=lambda r: (grids.index(r["grid"]) if r["grid"] in grids else 99,
+                                                r["grid"], r["data"], r["arch"], r["epochs"],
+                                                order.get(r["method"], 99), r["method"]))
+
+
+def render(rows):
+    """Markdown: one table per (grid, data, arch, epochs); synthetic tables carry no paper columns."""
+    if not rows:
+        return "No results recorded yet: `make reproduce GRID=short` (GPU), then `make report`.\n"
+    parts, tables = [], {}
+    for row in rows:
+        tables.setdefault((row["grid"], row["data"], row["arch"], row["epochs"]), []).append(row)
+    for (grid, data, arch, epochs), rs in tables.items():
+        synthetic = any(r["synthetic"] for r in rs)
+        seeds = sorted({len(r["seeds"]) for r in rs})
+        parts.append(f"#### Grid `{grid}`: {arch}, {data}, {epochs} epochs, {'/'.join(map(str, seeds))} seed(s)\n")
+        parts.append(f"Data: {DATA.get(data, {}).get('label', data)}.")
+        if not synthetic and epochs < 300:
+            parts.append(f" Schedule: {epochs} epochs instead of the paper recipe's 300 (LR steps at the same "
+                         f"fractions), so absolute accuracy is below the paper's; compare gains and ordering.")
+        if not synthetic and any(" --subset " in r["command"] for r in rs):
+            parts.append(" Trained on a SUBSET of the training images (see the commands): not the paper's setting.")
+        parts.append(" Top-1 % of the deployed model at the last epoch (headline) and at its best test epoch, "
+                     "mean ± sample std over seeds; gain = our mean minus our baseline's mean.\n\n")
+        head = ["method", "backbone", "seeds", "deployed model", "last epoch", "best epoch", "gain vs baseline"]
+        if not synthetic:
+            head += ["paper", "paper gain", "paper source"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rs:
+            cells = [r["method"], r["arch"], str(len(r["seeds"])), ", ".join(r["deployed"]), fmt(*r["last"]),
+                     fmt(*r["best"]), "—" if r["gain"] is None else f"{r['gain']:+.2f}"]
+            if not synthetic:
+                if r["paper"]:
+                    cells += [fmt(*r["paper"]), "—" if r["paper_gain"] is None else f"{r['paper_gain']:+.2f}",
+                              PAPER_SOURCE]
+                else:
+                    cells += ["—", "—", r["paper_note"] or "none"]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines) + "\n\n")
+        devices = sorted({d for r in rs for d in r["devices"]})
+        dates = sorted({d for r in rs for d in r["dates"]})
+        commits = sorted({c for r in rs for c in r["commits"]})
+        parts.append(f"Device: {', '.join(devices)}. Date: {dates[0]}{' to ' + dates[-1] if len(dates) > 1 else ''}. "
+                     f"Code: {', '.join(commits)}. Per-run JSON (command, wall time, every model's accuracy): "
+                     f"`results/{grid}/`. Commands (first seed):\n\n")
+        parts.append("\n".join(f"    {r['command']}" for r in rs) + "\n\n")
+    return "".join(parts)
+
+
+def write_report(opts):
+    text = render(summarize(load_results(opts.results)))
+    header = ("<!-- generated by `python tools/reproduce.py report` from results/; edit the script, not this -->\n")
+    if opts.results_md:
+        with open(opts.results_md, "w") as f:
+            f.write("# Results\n\n" + header + "\n" + text)
+        print(f"wrote {_rel(opts.results_md)}")
+    if opts.readme and not os.path.isfile(opts.readme):
+        print(f"no {_rel(opts.readme)}; only the standalone table was written")
+    elif opts.readme:
+        with open(opts.readme) as f:
+            readme = f.read()
+        pattern = re.compile(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), re.S)
+        if not pattern.search(readme):
+            print(f"{_rel(opts.readme)} has no {MARK_START} ... {MARK_END} markers; left unchanged")
+        else:
+            new = pattern.sub(lambda _: MARK_START + "\n" + header + "\n" + text + MARK_END, readme, count=1)
+            with open(opts.readme, "w") as f:
+                f.write(new)
+            print(f"updated the results section of {_rel(opts.readme)}")
+    return text
+
+
+# =====================================================================================================
+# 3. Command line
+# =====================================================================================================
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("action", choices=["run", "list", "report"], help="run a grid, list its runs, or render results/")
+    p.add_argument("grid", nargs="?", help=f"grid name for run/list: {', '.join(GRIDS)}")
+    p.add_argument("--data-dir", default=os.environ.get("OKD_DATA_DIR", ""),
+                   help="CIFAR-10 image folder for the JPEG grids (default data/cifar10-jpeg), or torchvision's "
+                        "download folder for table1 (default data); env OKD_DATA_DIR")
+    p.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the per-run JSONs go")
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs"), help="where run folders (checkpoints) go")
+    p.add_argument("--device", default="", help="pass --device to every run (auto, cpu, cuda); tiny is always cpu")
+    p.add_argument("--methods", default="", help="comma-separated subset of the grid's method scripts")
+    p.add_argument("--seeds", default="", help="comma-separated seeds instead of the grid's")
+    p.add_argument("--epochs", type=int, default=0, help="override the grid's epochs (0 = the grid's)")
+    p.add_argument("--subset", type=int, default=0, help="override the training subset (0 = the grid's)")
+    p.add_argument("--quiet", action="store_true", help="send the runs' progress rows only to their stdout.log")
+    p.add_argument("--readme", default=os.path.join(ROOT, "README.md"), help="README to update (report)")
+    p.add_argument("--results-md", default=os.path.join(ROOT, "RESULTS.md"), help="standalone table (report)")
+    opts = p.parse_args(argv)
+    if opts.action == "report":
+        return write_report(opts)
+    if not opts.grid:
+        fail(f"{opts.action} needs a grid: {', '.join(GRIDS)}")
+    if opts.action == "list":
+        for r in plan(opts.grid, opts):
+            print(f"{state(r):>8}  python {shlex.join(r['argv'])}")
+        return None
+    return run_grid(opts.grid, opts)
+
+
+if __name__ == "__main__":
+    main()
