@@ -302,19 +302,23 @@ def wrn40_2(num_classes):
 
 def vgg16(num_classes, dropout=0.5):
     """VGG-16 with BN as in OKDDip's multi-branch `vgg_GL.py`: conv stages 64x2, 128x2, 256x3, 512x3, 512x3
-    (conv3x3 with bias, BN, ReLU), each closed by a 2x2 max-pool (-> 512x1x1); head Linear(512, 512)-ReLU-
+    (conv3x3 with bias, BN, ReLU), each followed by a 2x2 max-pool (-> 512x1x1); head Linear(512, 512)-ReLU-
     Dropout-Linear(512, 512)-ReLU-Dropout-Linear(512, C). 15,253,578 / 15,299,748 params.
-    Conv stages 1-2 form the `stem` and conv stages 3, 4, 5 the three `stages`, so the shared trunk ends after
-    conv stage 4 (512x2x2, backbones.md section 9) and every backbone exposes three stages.
+    Parts: stem = conv stages 1-2; stages = conv stages 3, 4, 5, each OPENED by the previous max-pool (the
+    last max-pool is in `pool`), so every backbone exposes three stages whose maps halve (256x8x8, 512x4x4,
+    512x2x2) and none is 1x1. The shared trunk (stem + stages 1-2) is conv stages 1-4, as in backbones.md
+    section 9 (same parameters, same function); it hands over 512x4x4, i.e. before its parameter-free max-pool,
+    which opens each branch.
     Dropout 0.5 = OKDDip's multi-branch VGG (its single-network vgg.py and the PCL re-implementation use 0.0).
     Init: Kaiming fan-out convs, BN 1/0, Linear N(0, 0.01), all biases 0 (OKDDip)."""
-    def conv_stage(cin, cout, n):
-        return nn.Sequential(*(_conv_bn_relu(cin if i == 0 else cout, cout, 3, bias=True) for i in range(n)), nn.MaxPool2d(2))
+    def convs(cin, cout, n):  # n x (conv3x3 + BN + ReLU)
+        return [_conv_bn_relu(cin if i == 0 else cout, cout, 3, bias=True) for i in range(n)]
+    stem = nn.Sequential(*convs(3, 64, 2), nn.MaxPool2d(2), *convs(64, 128, 2))  # (B, 128, 16, 16)
+    stages = [nn.Sequential(nn.MaxPool2d(2), *convs(cin, cout, 3)) for cin, cout in ((128, 256), (256, 512), (512, 512))]
     head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(512, num_classes))
-    net = _init(Net(nn.Sequential(conv_stage(3, 64, 2), conv_stage(64, 128, 2)),
-                    [conv_stage(128, 256, 3), conv_stage(256, 512, 3), conv_stage(512, 512, 3)],
-                    nn.Flatten(), head, [256, 512, 512], split=2, feature_dim=512))
+    net = _init(Net(stem, stages, nn.Sequential(nn.MaxPool2d(2), nn.Flatten()), head, [256, 512, 512], split=2,
+                    feature_dim=512))
     for m in net.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)

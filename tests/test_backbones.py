@@ -47,7 +47,7 @@ STAGES = {
     "resnet8": BASIC, "resnet20": BASIC, "resnet32": BASIC, "resnet56": BASIC, "resnet110_basic": BASIC,
     "resnet110": BOTTLE, "resnet164": BOTTLE, "wrn20_8": BOTTLE,
     "wrn16_2": [(32, 32, 32), (64, 16, 16), (128, 8, 8)], "wrn40_2": [(32, 32, 32), (64, 16, 16), (128, 8, 8)],
-    "vgg16": [(256, 4, 4), (512, 2, 2), (512, 1, 1)],  # conv stages 3, 4, 5 (each closed by its max-pool)
+    "vgg16": [(256, 8, 8), (512, 4, 4), (512, 2, 2)],  # conv stages 3, 4, 5, each opened by a max-pool
     "densenet40_12": [(48, 16, 16), (60, 8, 8), (132, 8, 8)],  # 24 -> 96 -> 48 -> 120 -> 60 -> 132
     "densenet40_12_plain": [(168, 32, 32), (312, 16, 16), (456, 8, 8)],
     "resnext29_2x64d": [(256, 32, 32), (512, 16, 16), (1024, 8, 8)],
