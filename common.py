@@ -1,6 +1,7 @@
 """common.py: everything that is NOT an online-distillation algorithm.
 
-Backbones (CIFAR ResNets as composable parts, and the shared-trunk / per-branch split), data (CIFAR-10/100,
+Backbones (the CIFAR ResNets, WRNs, VGG-16, DenseNets, ResNeXt and GoogLeNet of the papers' tables, as
+composable parts, and the shared-trunk / per-branch split), data (CIFAR-10/100,
 an image folder, a synthetic `fake` set; held on the training device and augmented there in batches), the
 training loop (`fit`: epochs, LR schedule, evaluation, progress rows, checkpoints, final.json), seeding and
 the dataclass-to-argparse bridge. Method files (`baseline.py`, `dml.py`, ...) import this module and nothing
