@@ -1,6 +1,7 @@
 """common.py: everything that is NOT an online-distillation algorithm.
 
-Backbones (CIFAR ResNets as composable parts, and the shared-trunk / per-branch split), data (CIFAR-10/100,
+Backbones (the CIFAR ResNets, WRNs, VGG-16, DenseNets, ResNeXt and GoogLeNet of the papers' tables, as
+composable parts, and the shared-trunk / per-branch split), data (CIFAR-10/100,
 an image folder, a synthetic `fake` set; held on the training device and augmented there in batches), the
 training loop (`fit`: epochs, LR schedule, evaluation, progress rows, checkpoints, final.json), seeding and
 the dataclass-to-argparse bridge. Method files (`baseline.py`, `dml.py`, ...) import this module and nothing
@@ -114,12 +115,13 @@ def check_args(args):
 # =====================================================================================================
 class Net(nn.Module):
     """A backbone as parts. `widths[i]`: channels out of stages[i]; `split`: how many stages the shared
-    trunk of a multi-branch network keeps (backbones.md section 9); `feature_dim`: width of pool's output."""
+    trunk of a multi-branch network keeps (backbones.md section 9); `feature_dim`: width of pool's output
+    (given explicitly when fc is not a single Linear, e.g. VGG's MLP head)."""
 
-    def __init__(self, stem, stages, pool, fc, widths, split):
+    def __init__(self, stem, stages, pool, fc, widths, split, feature_dim=None):
         super().__init__()
         self.stem, self.stages, self.pool, self.fc = stem, nn.ModuleList(stages), pool, fc
-        self.widths, self.split, self.feature_dim = list(widths), split, fc.in_features
+        self.widths, self.split, self.feature_dim = list(widths), split, feature_dim or fc.in_features
 
     def features(self, x):
         """Every stage's output map, shallow to deep: [F^1, ..., F^S]."""
@@ -134,8 +136,21 @@ class Net(nn.Module):
         return self.fc(self.pool(self.features(x)[-1]))
 
 
-def _conv_bn(cin, cout, k, stride=1, groups=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout))
+def _conv_bn(cin, cout, k, stride=1, groups=1, bias=False):
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=bias), nn.BatchNorm2d(cout))
+
+
+def _conv_bn_relu(cin, cout, k, stride=1, bias=False):
+    return nn.Sequential(_conv_bn(cin, cout, k, stride, bias=bias), nn.ReLU(inplace=True))
+
+
+def _bn_relu_conv(cin, cout, k, stride=1, bias=False):
+    """Pre-activation unit (WRN, DenseNet): BN-ReLU-conv."""
+    return nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.Conv2d(cin, cout, k, stride, k // 2, bias=bias))
+
+
+def _avg_pool():
+    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())  # (B, C, H, W) -> (B, C)
 
 
 class BasicBlock(nn.Module):
@@ -191,7 +206,7 @@ def cifar_resnet(block, blocks_per_stage, num_classes, planes=(16, 32, 64), stem
         stages.append(nn.Sequential(*layers))
     widths = [p * block.expansion for p in planes]
     return _init(Net(nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)),
-                     stages, nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(widths[-1], num_classes),
+                     stages, _avg_pool(), nn.Linear(widths[-1], num_classes),
                      widths, split=len(stages) - 1))
 
 
@@ -227,7 +242,180 @@ def resnet110_basic(num_classes):
     return cifar_resnet(BasicBlock, 18, num_classes)
 
 
-BACKBONES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet56, resnet110, resnet110_basic)}
+def resnet164(num_classes):
+    """Official ONE's "ResNet-110" (its bearpaw-style ResNet switches to bottlenecks at depth >= 44): 18
+    BOTTLENECK blocks per stage, 164 layers, 1,704,154 / 1,727,284 params. Use it to compare with the ONE paper."""
+    return cifar_resnet(Bottleneck, 18, num_classes)
+
+
+def wrn20_8(num_classes):
+    """WRN-20-8 of the OKDDip/PCL tables: NOT a Zagoruyko WRN (20 is not 6n+4) but a torchvision-style wide
+    BOTTLENECK ResNet: stem 16; [2, 2, 2] Bottlenecks with width_per_group 512, i.e. inner widths 128/256/512,
+    outputs 64/128/256. 6,848,090 / 6,871,220 params."""
+    return cifar_resnet(Bottleneck, 2, num_classes, s0={"width": 128}, s1={"width": 256}, s2={"width": 512})
+
+
+def resnext29_2x64d(num_classes):
+    """ResNeXt-29 (2x64d), CIFAR version of Xie et al.: stem conv3x3 3->64; 3 stages of 3 Bottlenecks with
+    cardinality 2 (grouped 3x3 convs, inner widths 128/256/512), outputs 256/512/1024. 9,130,314 / 9,222,564
+    params. PCL gives no definition; this is the standard one."""
+    grouped = {f"s{i}": {"width": w, "groups": 2} for i, w in enumerate((128, 256, 512))}
+    return cifar_resnet(Bottleneck, 3, num_classes, planes=(64, 128, 256), stem=64, **grouped)
+
+
+class PreActBlock(nn.Module):
+    """Wide-ResNet block as in FFSD's file: BN-ReLU-conv3x3-BN-ReLU-conv3x3 (stride on the second conv) plus a
+    shortcut (conv1x1, no BN, on the raw input when the shape changes); every conv has a bias; no ReLU after
+    the sum (pre-activation)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.body = nn.Sequential(_bn_relu_conv(cin, cout, 3, bias=True), _bn_relu_conv(cout, cout, 3, stride, bias=True))
+        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=True) if stride != 1 or cin != cout else nn.Identity()
+
+    def forward(self, x):
+        return self.body(x) + self.shortcut(x)
+
+
+def wide_resnet(depth, k, num_classes):
+    """Zagoruyko & Komodakis pre-activation WRN-depth-k with FFSD's conv bias=True: conv3x3 3->16; three
+    stages of (depth-4)/6 PreActBlocks with 16k/32k/64k channels (strides 1, 2, 2); the final BN + ReLU closes
+    stage 3, so that stage's output is FFSD's third tap (backbones.md section 10); avg-pool; Linear(64k -> C).
+    NOTE(deviation): FFSD's final BN uses momentum=0.9 (running stats follow the latest batch); here 0.1."""
+    n, stages, cin = (depth - 4) // 6, [], 16
+    for i, w in enumerate((16 * k, 32 * k, 64 * k)):
+        stages.append(nn.Sequential(*(PreActBlock(cin if b == 0 else w, w, 2 if i > 0 and b == 0 else 1) for b in range(n))))
+        cin = w
+    stages[-1].extend([nn.BatchNorm2d(cin), nn.ReLU(inplace=True)])
+    return _init(Net(nn.Conv2d(3, 16, 3, 1, 1, bias=True), stages, _avg_pool(), nn.Linear(cin, num_classes),
+                     [16 * k, 32 * k, 64 * k], split=2))
+
+
+def wrn16_2(num_classes):
+    """WRN-16-2 (FFSD tables): 2 blocks per stage, widths 32/64/128. 692,810 / 704,420 params (bias-free: 691,674 / 703,284)."""
+    return wide_resnet(16, 2, num_classes)
+
+
+def wrn40_2(num_classes):
+    """WRN-40-2 (FFSD tables): 6 blocks per stage, widths 32/64/128. 2,246,474 / 2,258,084 params."""
+    return wide_resnet(40, 2, num_classes)
+
+
+def vgg16(num_classes, dropout=0.5):
+    """VGG-16 with BN as in OKDDip's multi-branch `vgg_GL.py`: conv stages 64x2, 128x2, 256x3, 512x3, 512x3
+    (conv3x3 with bias, BN, ReLU), each followed by a 2x2 max-pool (-> 512x1x1); head Linear(512, 512)-ReLU-
+    Dropout-Linear(512, 512)-ReLU-Dropout-Linear(512, C). 15,253,578 / 15,299,748 params.
+    Parts: stem = conv stages 1-2; stages = conv stages 3, 4, 5, each OPENED by the previous max-pool (the
+    last max-pool is in `pool`), so every backbone exposes three stages whose maps halve (256x8x8, 512x4x4,
+    512x2x2) and none is 1x1. The shared trunk (stem + stages 1-2) is conv stages 1-4, as in backbones.md
+    section 9 (same parameters, same function); it hands over 512x4x4, i.e. before its parameter-free max-pool,
+    which opens each branch.
+    Dropout 0.5 = OKDDip's multi-branch VGG (its single-network vgg.py and the PCL re-implementation use 0.0).
+    Init: Kaiming fan-out convs, BN 1/0, Linear N(0, 0.01), all biases 0 (OKDDip)."""
+    def convs(cin, cout, n):  # n x (conv3x3 + BN + ReLU)
+        return [_conv_bn_relu(cin if i == 0 else cout, cout, 3, bias=True) for i in range(n)]
+    stem = nn.Sequential(*convs(3, 64, 2), nn.MaxPool2d(2), *convs(64, 128, 2))  # (B, 128, 16, 16)
+    stages = [nn.Sequential(nn.MaxPool2d(2), *convs(cin, cout, 3)) for cin, cout in ((128, 256), (256, 512), (512, 512))]
+    head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(512, num_classes))
+    net = _init(Net(stem, stages, nn.Sequential(nn.MaxPool2d(2), nn.Flatten()), head, [256, 512, 512], split=2,
+                    feature_dim=512))
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.zeros_(m.bias)
+    return net
+
+
+class DenseLayer(nn.Module):
+    """x -> cat(x, g(x)) with k new channels; g = BN-ReLU-conv3x3 (plain), or BN-ReLU-conv1x1 to 4k-BN-ReLU-conv3x3 (BC)."""
+
+    def __init__(self, cin, k, bottleneck):
+        super().__init__()
+        self.g = (nn.Sequential(_bn_relu_conv(cin, 4 * k, 1), _bn_relu_conv(4 * k, k, 3)) if bottleneck
+                  else _bn_relu_conv(cin, k, 3))
+
+    def forward(self, x):
+        return torch.cat([x, self.g(x)], 1)
+
+
+def densenet(depth, k, num_classes, bc):
+    """DenseNet for CIFAR: conv3x3 3->2k; three dense blocks of n layers (n = (depth-4)/6 bottleneck layers
+    for BC, (depth-4)/3 plain ones otherwise); transitions BN-ReLU-conv1x1 (x0.5 channels for BC, x1 plain) +
+    avg-pool 2; final BN + ReLU (closing stage 3); avg-pool; Linear. Stage boundaries follow each reference:
+    BC (OKDDip) closes stages 1-2 with their transition, so the trunk ends at 60x8x8 (backbones.md section 9);
+    plain (FFSD) opens stages 2-3 with it, so stage outputs are the dense-block outputs FFSD taps (section 10)."""
+    n, c = (depth - 4) // (6 if bc else 3), 2 * k
+    stem, parts, outs = nn.Conv2d(3, c, 3, 1, 1, bias=False), [], []  # block, transition, block, transition, block
+    for i in range(3):
+        parts.append([DenseLayer(c + j * k, k, bc) for j in range(n)])
+        c += n * k
+        outs.append(c)
+        if i < 2:
+            parts.append([_bn_relu_conv(c, c // 2 if bc else c, 1), nn.AvgPool2d(2)])
+            c = c // 2 if bc else c
+            outs.append(c)
+    parts[-1] += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+    groups = [[0, 1], [2, 3], [4]] if bc else [[0], [1, 2], [3, 4]]  # which parts make each stage
+    stages = [nn.Sequential(*(m for p in g for m in parts[p])) for g in groups]
+    return _init(Net(stem, stages, _avg_pool(), nn.Linear(c, num_classes), [outs[g[-1]] for g in groups], split=2))
+
+
+def densenet40_12(num_classes):
+    """DenseNet-BC-40-12 of the OKDDip/PCL tables: 3 blocks of 6 bottleneck layers, compression 0.5;
+    channels 24 -> 96 -> 48 -> 120 -> 60 -> 132. 176,122 / 188,092 params. (OKDDip's own densenet_GL.py reuses
+    one dense block across branches and skips the final BN-ReLU; this is the corrected net, as in MCL-OKD.)"""
+    return densenet(40, 12, num_classes, bc=True)
+
+
+def densenet40_12_plain(num_classes):
+    """Original DenseNet-40 (k = 12) of the FFSD tables: 3 blocks of 12 plain layers, no compression; stage
+    outputs 168, 312, 456 channels. 1,059,298 / 1,100,428 params."""
+    return densenet(40, 12, num_classes, bc=False)
+
+
+class Inception(nn.Module):
+    """Four paths, concatenated on channels: 1x1 | 1x1 -> 3x3 | 1x1 -> 3x3 -> 3x3 (the "5x5" path) | 3x3
+    max-pool -> 1x1. Every conv has a bias and is followed by BN + ReLU."""
+
+    def __init__(self, cin, n1, r3, n3, r5, n5, npool):
+        super().__init__()
+        self.paths = nn.ModuleList([
+            _conv_bn_relu(cin, n1, 1, bias=True),
+            nn.Sequential(_conv_bn_relu(cin, r3, 1, bias=True), _conv_bn_relu(r3, n3, 3, bias=True)),
+            nn.Sequential(_conv_bn_relu(cin, r5, 1, bias=True), _conv_bn_relu(r5, n5, 3, bias=True),
+                          _conv_bn_relu(n5, n5, 3, bias=True)),
+            nn.Sequential(nn.MaxPool2d(3, 1, 1), _conv_bn_relu(cin, npool, 1, bias=True))])
+        self.out_channels = n1 + n3 + n5 + npool
+
+    def forward(self, x):
+        return torch.cat([p(x) for p in self.paths], 1)
+
+
+def googlenet(num_classes):
+    """CIFAR GoogLeNet of the FFSD tables (kuangliu/pytorch-cifar layout): conv3x3 3->192 + BN + ReLU; stage 1
+    = Inception a3, b3 (480x32x32); stage 2 = max-pool 3/2 + a4..e4 (832x16x16); stage 3 = max-pool + a5, b5
+    (1024x8x8): the stage outputs are FFSD's taps. Avg-pool; Linear(1024 -> C). 6,166,250 / 6,258,500 params.
+    The multi-branch split after stage 2 is by analogy with the ResNets (no reference uses one)."""
+    cfg = [[(64, 96, 128, 16, 32, 32), (128, 128, 192, 32, 96, 64)],  # per Inception: n1, r3, n3, r5, n5, npool
+           [(192, 96, 208, 16, 48, 64), (160, 112, 224, 24, 64, 64), (128, 128, 256, 24, 64, 64),
+            (112, 144, 288, 32, 64, 64), (256, 160, 320, 32, 128, 128)],
+           [(256, 160, 320, 32, 128, 128), (384, 192, 384, 48, 128, 128)]]
+    stages, cin = [], 192
+    for i, stage in enumerate(cfg):
+        layers = [nn.MaxPool2d(3, 2, 1)] if i > 0 else []
+        for spec in stage:
+            layers.append(Inception(cin, *spec))
+            cin = layers[-1].out_channels
+        stages.append(nn.Sequential(*layers))
+    return _init(Net(_conv_bn_relu(3, 192, 3, bias=True), stages, _avg_pool(), nn.Linear(cin, num_classes),
+                     [s[-1].out_channels for s in stages], split=2))
+
+
+BACKBONES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet56, resnet110, resnet110_basic, resnet164,
+                                      wrn16_2, wrn40_2, wrn20_8, vgg16, densenet40_12, densenet40_12_plain,
+                                      resnext29_2x64d, googlenet)}
 TrainArgs.__dataclass_fields__["arch"].metadata = {**TrainArgs.__dataclass_fields__["arch"].metadata,
                                                    "choices": list(BACKBONES)}
 
