@@ -339,16 +339,17 @@ class TestModel(unittest.TestCase):
 
 class TestRuns(unittest.TestCase):
     def test_tiny_run_learns_well_above_chance(self):
-        # 32 steps of 16 images; a shorter cap (beta = 0.8) so the temporal mean forgets the random start
+        # 48 steps of 16 images; a shorter cap (beta = 0.8) so the temporal mean forgets the random start
         # within this tiny run, and no LR decay (same code path as the paper recipe otherwise).
-        args = helpers.tiny(pcl.Args, self, subset=256, test_subset=100, batch_size=16, epochs=2, lr=0.05,
+        # Seeds 0-3 reach 87-99% for mt_peer1; the margin below leaves room for other float libraries.
+        args = helpers.tiny(pcl.Args, self, subset=256, test_subset=100, batch_size=16, epochs=3, lr=0.05,
                             lr_decay_at="1", ema_decay=0.8)
         final = pcl.main(args)
         self.assertEqual(final["deployed"], "mt_peer1")
         self.assertEqual(final["test_acc"], final["models"]["mt_peer1"])
         self.assertTrue(all(math.isfinite(v) for v in final["models"].values()))
-        self.assertGreater(final["models"]["mt_peer1"], 50.0)  # chance is 10%
-        self.assertGreater(final["models"]["pe_teacher"], 30.0)
+        self.assertGreater(final["models"]["mt_peer1"], 60.0)  # chance is 10%
+        self.assertGreater(final["models"]["pe_teacher"], 50.0)
 
     def test_same_seed_same_numbers(self):
         def go(seed):
