@@ -9,7 +9,8 @@ peers) learns from the labels and is distilled into every peer. A peer mean teac
 an EMA of the weights, of the whole network) distils each peer k's smoothed prediction into the OTHER peers.
 After training, the temporal mean of peer 1 (mean trunk + mean peer 1) is deployed: it is a plain backbone.
 
-Objective (the paper's terms, arranged as in the re-implementation; m peers, view x_j, logits z_j, ensemble logits z_e = head([h_1, ..., h_m])):
+Objective (the paper's terms, arranged as in the re-implementation; m peers, view x_j, logits z_j,
+ensemble logits z_e = head([h_1, ..., h_m])):
     L = CE(z_e, y) + sum_j [ CE(z_j, y) + w(e) KD_T(sg z_e -> z_j)                          # L_ce, L_pe
                              + w(e) 1/(m-1) sum_{k != j} KD_T(z'_k -> z_j) ]                  # L_pm
     KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch.
@@ -55,9 +56,9 @@ from common import arg
 class Args(common.TrainArgs):
     """PCL: peers with their own views, a feature-fusion ensemble teacher and a temporal-mean teacher."""
     num_peers: int = arg(3, "m: number of peers (branches on the shared trunk), each with its own view (paper: 3)")
-    temperature: float = arg(3.0, "T: softmax temperature of both KD terms, which are scaled by T^2 (re-implementation: 3)")
+    temperature: float = arg(3.0, "T: softmax temperature of both KD terms, scaled by T^2 (re-implementation: 3)")
     rampup_epochs: int = arg(80, "alpha: epochs of the sigmoid ramp-up w(e) of the KD terms (0 = no ramp-up)")
-    ema_decay: float = arg(0.999, "beta: cap of the temporal-mean decay phi(g) = min(1 - 1/(g+1), beta) (Algorithm 1)")
+    ema_decay: float = arg(0.999, "beta: cap of the EMA decay phi(g) = min(1 - 1/(g+1), beta) (re-implementation: 0.999)")
     ema_per_epoch: bool = arg(False, "g counts epochs: one EMA update at each epoch end (default: after every step)")
 
 
