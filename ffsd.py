@@ -145,14 +145,16 @@ def decoder(C, M):
 class SelfDistillation(nn.Module):
     """SD module G (Sec. III-C, Fig. 4): L-1 blocks of ConvTranspose2d(3, stride 2) + BN + ReLU, each doubling
     the resolution and moving to the previous stage's width: 64x8x8 -> 32x16x16 -> 16x32x32 for ResNets.
-    forward(F^L) -> [G^1, ..., G^{L-1}], shallow to deep like Net.features. (PyTorch's default init.)"""
+    forward(F^L) -> [G^1, ..., G^{L-1}], shallow to deep like Net.features. (PyTorch's default init.)
+    `sizes`: each stage's map side; where two stages share a size (DenseNet-BC's last two, 8x8) the block
+    keeps the size (stride 1) instead of doubling it."""
 
-    def __init__(self, widths):
+    def __init__(self, widths, sizes):
         super().__init__()
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, 2, 1, output_padding=1, bias=False),
+            nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, s_out // s_in, 1, output_padding=s_out // s_in - 1, bias=False),
                           nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-            for cin, cout in zip(widths[:0:-1], widths[-2::-1]))
+            for cin, cout, s_in, s_out in zip(widths[:0:-1], widths[-2::-1], sizes[:0:-1], sizes[-2::-1]))
 
     def forward(self, x):
         maps = []
@@ -172,11 +174,14 @@ class FFSD(nn.Module):
         self.students = nn.ModuleList(common.build_backbone(arch, num_classes) for _ in range(M))
         self.leader = common.build_backbone(arch, num_classes)
         widths, C = self.leader.widths, self.leader.widths[-1]
+        with torch.no_grad():  # BOILERPLATE: each stage's map side, from one eval-mode pass (no BN update)
+            sizes = [f.shape[-1] for f in self.leader.eval().features(torch.zeros(1, 3, 32, 32))]
+        self.leader.train()
         self.decoder = decoder(C, M)
         self.fusion = Fusion(C, M, num_classes)
         # ALGO: SD modules for students 1..M-1 and the leader only; student 0 has no diversity target.
-        self.sd_students = nn.ModuleList(SelfDistillation(widths) for _ in range(M - 1))
-        self.sd_leader = SelfDistillation(widths)
+        self.sd_students = nn.ModuleList(SelfDistillation(widths, sizes) for _ in range(M - 1))
+        self.sd_leader = SelfDistillation(widths, sizes)
 
     @staticmethod
     def _head(net, maps):
