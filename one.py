@@ -13,7 +13,8 @@ branches, teacher z_e = sum_i g_i z_i (logits, per sample, nothing detached in t
     L = sum_i CE(z_i, y) + CE(z_e, y) + w(e) * sum_i T^2 * KL(softmax(sg(z_e)/T) || softmax(z_i/T))
 T = 3; w(e) = exp(-5 (1 - min(e, 80)/80)^2) at the 0-based epoch e (the official code's ramp-up); sg = detach
 (the teacher is a target in the KL; it and the gate learn from CE(z_e) only). KL summed over classes,
-averaged over the batch. (Equation numbers of the paper are not quoted here: the card only has the code.)
+averaged over the batch. (Section numbers refer to the method card one.md; it quotes no paper equation
+numbers, so none are cited here.)
 
 Differences from baseline.py:
     1. The model is a shared trunk (stem + stages 1-2) with m branches (stage 3 + pool + Linear each, their
@@ -39,7 +40,6 @@ one.md section 8); PCL Tables 1-2 ONE column: 5.80 +- 0.12 (CIFAR-10), 26.21 +- 
 import dataclasses
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

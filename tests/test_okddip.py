@@ -147,6 +147,10 @@ class TestAttention(unittest.TestCase):
         self.assertEqual(tuple(logits.shape), (4, 6, 10))
         self.assertEqual(tuple(att.shape), (6, 3, 3))
         torch.testing.assert_close(att.sum(-1), torch.ones(6, 3))
+        # The attention reads the peers' pooled features, the same ones that feed their classifiers.
+        z, h, _ = net.net(x)
+        torch.testing.assert_close(att, net.attention(h[:3]))
+        torch.testing.assert_close(net.net.branches[0].fc(h[0]), z[0])
         # Perturbing the leader branch changes the leader's logits but not the attention.
         net.eval()
         with torch.no_grad():
@@ -240,6 +244,9 @@ class TestRun(unittest.TestCase):
         args = tiny(okddip.Args, self, epochs=3, batch_size=32)
         final = okddip.main(args)
         self.assertEqual(final["deployed"], "leader")
+        # last epoch is the headline, best epoch beside it
+        self.assertGreaterEqual(final["best_test_acc"], final["test_acc"])
+        self.assertIn(final["best_epoch"], (1, 2, 3))
         self.assertEqual(set(final["models"]), {"peer1", "peer2", "peer3", "ensemble", "leader", "peer_avg"})
         self.assertGreater(final["test_acc"], 50.0)  # 10 classes: chance is 10%
         for name, acc in final["models"].items():

@@ -237,6 +237,9 @@ class TestRun(unittest.TestCase):
         args = tiny(one.Args, self, epochs=3, batch_size=32)
         final = one.main(args)
         self.assertEqual(final["deployed"], "branch1")
+        # last epoch is the headline, best epoch beside it
+        self.assertGreaterEqual(final["best_test_acc"], final["test_acc"])
+        self.assertIn(final["best_epoch"], (1, 2, 3))
         self.assertEqual(set(final["models"]), {"branch1", "branch2", "branch3", "one_e", "ensemble", "branch_avg"})
         self.assertGreater(final["test_acc"], 50.0)  # 10 classes: chance is 10%
         for name, acc in final["models"].items():
