@@ -1,0 +1,165 @@
+"""OKDDip: Online Knowledge Distillation with Diverse Peers.
+
+D. Chen, J.-P. Mei, C. Wang, Y. Feng, C. Chen. "Online Knowledge Distillation with Diverse Peers". AAAI 2020.
+arXiv:1912.00350.
+
+A shared trunk with m auxiliary peers and one group leader (m + 1 branches, the leader is the LAST one).
+Two levels of distillation. First level: every auxiliary peer gets its own target, a per-sample
+attention-weighted mix of the peers' logits, with weights from the peers' pooled features; distinct
+targets keep the peers from collapsing onto one shared ensemble. Second level: the plain mean of the
+auxiliary peers is distilled into the leader, which is the model deployed.
+
+Objective (okddip.md section 3, as the official code implements it; the paper's method section was not
+available), peer logits z_a (a < m), pooled peer features h_a, leader logits z_L:
+    q_a = W_q h_a,  k_a = W_k h_a                       (bias-free Linear(D -> D/8), one pair for all peers)
+    A[a, :] = softmax_b(q_a . k_b)                      (per sample, no 1/sqrt(d), b = a included)
+    t_a = sum_b A[a, b] z_b                             (mix of LOGITS)
+    L = sum_a CE(z_a, y) + CE(z_L, y)
+        + w(e) * [ sum_a KD_T(t_a -> z_a) + KD_T(mean_a z_a -> z_L) ]
+KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch; T = 3;
+w(e) = exp(-5 (1 - min(e, 80)/80)^2) at the 0-based epoch e, the same w on both levels; sums over peers.
+NOTHING is detached: W_q and W_k appear only inside the targets t_a, so the KD term through the
+undetached targets is their only source of gradient (detaching t_a would freeze the attention at its
+random initialisation).
+
+Differences from baseline.py:
+    1. The model is a shared trunk (stem + stages 1-2) with m + 1 branches (stage 3 + pool + Linear each,
+       their own weights; --num-peers m = 3, plus the leader) and the attention projections W_q, W_k.
+    2. The loss adds the ramped-up first-level KD (attention targets -> each peer) and second-level KD
+       (peer mean -> leader) (--temperature 3, --rampup-epochs 80).
+    3. Evaluation reports every peer, the mean-logit peer ensemble, the peer mean and the leader; the leader
+       (trunk + last branch, the plain backbone's size) is deployed.
+
+Deviations: none from the official code in the algorithm (no 1e-7 added to the target probabilities, which
+is negligible). --exclude-self (off by default) masks a peer out of its own target, as the abstract's
+"from predictions of other auxiliary peers" could be read; the official code includes it.
+
+Run:
+    python okddip.py --arch resnet32 --dataset cifar100                     # GPU
+    python okddip.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
+Published (error %, ResNet-32, CIFAR-100, branch-based): 25.65 +- 0.15 (OKDDip Table 2, quoted by its author,
+unverified); PCL Tables 1-2 OKDDip column: 5.83 +- 0.15 (CIFAR-10), 26.75 +- 0.38 (CIFAR-100).
+"""
+# ===== 1. Imports =====
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import arg
+
+
+# ===== 2. Args =====
+@dataclass
+class Args(common.TrainArgs):
+    """OKDDip: m auxiliary peers with attention-mixed targets, their mean distilled into a leader."""
+    num_peers: int = arg(3, "m: number of auxiliary peers; the leader is one more branch (official: 3 + 1)")
+    temperature: float = arg(3.0, "T: softmax temperature of both KD levels, which are scaled by T^2 (official: 3)")
+    rampup_epochs: int = arg(80, "ramp-up length in epochs of the KD weight w(e), both levels (official: 80; 0 = w is 1)")
+    exclude_self: bool = arg(False, "mask each peer out of its own attention target (official code: included)")
+
+
+# ===== 3. Model =====
+class OKDDip(nn.Module):
+    """Shared trunk + m peers + leader (common.MultiBranch with m + 1 branches, leader last) + W_q, W_k."""
+
+    def __init__(self, arch, num_classes, m, exclude_self=False):
+        super().__init__()
+        self.m, self.exclude_self = m, exclude_self
+        self.net = common.MultiBranch(arch, num_classes, m + 1)
+        D = self.net.feature_dim
+        # ALGO: okddip.md section 2: W_q, W_k = Linear(D -> D/8, no bias), ONE pair shared by all peers.
+        self.query = nn.Linear(D, D // 8, bias=False)
+        self.key = nn.Linear(D, D // 8, bias=False)
+
+    def attention(self, h):
+        """h: (m, B, D) pooled features of the auxiliary peers only. Returns A (B, m, m), rows sum to 1."""
+        q, k = self.query(h), self.key(h)  # (m, B, D/8) each
+        # ALGO: energy[a, b] = q_a . k_b per sample, no 1/sqrt(d) scaling.
+        energy = torch.einsum("abd,cbd->bac", q.float(), k.float())  # (B, m, m): [sample, query a, key b]
+        if self.exclude_self:  # NOTE(deviation): optional, not the official code: a peer not in its own target.
+            energy = energy.masked_fill(torch.eye(self.m, dtype=torch.bool, device=energy.device), float("-inf"))
+        # ALGO: softmax over the keys b (row a sums to 1), the peer itself included by default.
+        return F.softmax(energy, dim=-1)
+
+    def forward(self, x):
+        """Returns logits (m + 1, B, C): peers 0..m-1 then the leader; attention A (B, m, m)."""
+        z, h, _ = self.net(x)  # z: (m + 1, B, C), h: (m + 1, B, D)
+        # ALGO: the leader (last branch) takes no part in the attention.
+        return z, self.attention(h[:self.m])
+
+
+def build_model(args, num_classes):
+    # ALGO: one trunk shared once, m + 1 branches with their own weights (each from a freshly built backbone).
+    if args.num_peers < 2:
+        common.fail(f"--num-peers must be at least 2, got {args.num_peers}")
+    return OKDDip(args.arch, num_classes, args.num_peers, args.exclude_self)
+
+
+def build_optimizers(model, args):
+    # BOILERPLATE: the recipe's SGD over every trainable parameter (W_q, W_k included, weight decay too).
+    return {"sgd": common.sgd(model.parameters(), args)}
+
+
+# ===== 4. Loss =====
+def peer_targets(peer_logits, A):
+    """t_a = sum_b A[a, b] z_b. peer_logits: (m, B, C), A: (B, m, m). Returns (m, B, C)."""
+    # ALGO: okddip.md section 2: targets mix LOGITS (softmax(./T) comes inside the KD), per sample.
+    return torch.einsum("bac,cbk->abk", A.float(), peer_logits.float())
+
+
+def okddip_loss(logits, A, y, w, args):
+    """logits: (m + 1, B, C), peers then leader; A: (B, m, m); w: ramp-up weight. Returns (loss, logs)."""
+    T, m, loss, logs = args.temperature, A.shape[-1], 0.0, {}
+    peers, leader = logits[:m], logits[m]  # (m, B, C), (B, C)
+    # ALGO: NOTHING detached (official code): the gradient of each peer's KD flows into t_a, hence into every
+    # peer's logits and into W_q, W_k, whose only gradient source this is.
+    t = peer_targets(peers, A)  # (m, B, C)
+    for a in range(m):
+        # ALGO: CE(z_a, y), mean over the batch; first level: KD_T(t_a -> z_a) = T^2 KL(softmax(t_a/T) || softmax(z_a/T)).
+        ce, kd = F.cross_entropy(peers[a].float(), y), common.kd_loss(peers[a], t[a], T)
+        loss = loss + ce + w * kd
+        logs[f"ce/peer{a + 1}"], logs[f"kd/peer{a + 1}"] = ce.detach(), kd.detach()
+    # ALGO: second level: the leader learns from the labels and from the mean of the peers' logits (not detached).
+    ce_l, kd_l = F.cross_entropy(leader.float(), y), common.kd_loss(leader, peers.float().mean(0), T)
+    # ALGO: L = sum_a (CE_a + w KD_a) + CE_L + w KD_L: sums over peers, one w for both levels.
+    loss = loss + ce_l + w * kd_l
+    return loss, {"loss": loss.detach(), **logs, "ce/leader": ce_l.detach(), "kd/leader": kd_l.detach(),
+                  "w": ce_l.new_tensor(w).detach()}
+
+
+# ===== 5. Train step =====
+def train_step(model, optimizers, x, y, epoch, step, run):
+    # ALGO: w(e) from the 0-based epoch, constant within an epoch (okddip.md section 3).
+    w = common.sigmoid_rampup(epoch, run.args.rampup_epochs)
+    with run.autocast():
+        logits, A = model(x)  # (m + 1, B, C), (B, m, m)
+        loss, logs = okddip_loss(logits, A, y, w, run.args)
+    optimizers["sgd"].zero_grad(set_to_none=True)
+    loss.backward()
+    optimizers["sgd"].step()
+    return logs
+
+
+# ===== 6. Evaluate =====
+def evaluate(model, x):
+    logits, _ = model(x)  # (m + 1, B, C)
+    m = len(logits) - 1
+    # The leader (last branch) is deployed; also every peer and the peer ensemble = argmax of the mean of the
+    # auxiliary peers' logits (the leader not included; costs m branches).
+    return {**{f"peer{a + 1}": logits[a] for a in range(m)}, "ensemble": logits[:m].float().mean(0), "leader": logits[m]}
+
+
+# ===== 7. Main =====
+def main(args):
+    run = common.setup(args, method="okddip")
+    model = run.to_device(build_model(args, run.num_classes))
+    optimizers = build_optimizers(model, args)
+    return common.fit(run, model, optimizers, train_step, evaluate, deployed="leader",
+                      averages={"peer_avg": [f"peer{a + 1}" for a in range(args.num_peers)]})
+
+
+if __name__ == "__main__":
+    main(common.parse_args(Args))
