@@ -338,7 +338,8 @@ def _folder(root, split, classes=None):
     from torchvision.io import ImageReadMode, decode_image
     d = os.path.join(root, split)
     if not os.path.isdir(d):
-        fail(f"--dataset folder needs {d!r} with one sub-folder per class (train/<class>/*, test/<class>/*)")
+        fail(f"--data-dir {root!r} has no {split}/ folder; --dataset folder needs {d!r} with one sub-folder per "
+             f"class (train/<class>/*, test/<class>/*)")
     found = sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
     if not found:
         fail(f"{d!r} has no class sub-folders; expected {split}/<class>/<image>")
@@ -351,7 +352,7 @@ def _folder(root, split, classes=None):
             try:
                 img = decode_image(path, mode=ImageReadMode.RGB)
             except Exception:
-                fail(f"cannot decode image {path!r}")
+                fail(f"cannot decode image {path!r} (not an image file torchvision can read)")
             if tuple(img.shape[1:]) != (32, 32):
                 fail(f"image {path!r} is {img.shape[2]}x{img.shape[1]}, expected 32x32")
             xs.append(img)

@@ -276,20 +276,14 @@ class NumericalFaults(unittest.TestCase):
         self.assertIn("no checkpoint was written", msg)
         self.assertFalse(os.path.exists(os.path.join(args.out, "checkpoint.pt")))
 
-    def test_exploding_lr_from_the_command_line(self):
-        # The LR jumps to 1e29 at epoch 2 (x lr_gamma at the milestone): the loss overflows during epoch 2.
-        from helpers import run_script
-        out = os.path.join(tmpdir(self), "run")
-        p = run_script("baseline.py", "--arch", "resnet8", "--dataset", "fake", "--subset", "96", "--test-subset",
-                       "50", "--batch-size", "32", "--epochs", "2", "--lr-decay-at", "0.5", "--lr-gamma", "1e30",
-                       "--device", "cpu", "--out", out)
-        self.assertEqual(p.returncode, 1)
-        lines = p.stderr.strip().splitlines()
-        self.assertEqual(len(lines), 1, p.stderr)
-        self.assertRegex(lines[0], r"^error: non-finite loss \('loss', 'ce'\) at epoch 2, step [123] of 3; stopped, "
-                                   r"the checkpoint of epoch 1 is kept in ")
-        self.assertEqual(checkpoint(out)["epoch"], 1)
-
+    def test_exploding_lr_stops_in_epoch_2_with_epoch_1_kept(self):
+        # A real blow-up, not a planted NaN: the LR jumps from 0.1 to 1e29 at epoch 2 (x --lr-gamma at the
+        # milestone) and the loss overflows within epoch 2's three steps.
+        args = tiny(baseline.Args, self, **{**SMALL, "lr_gamma": 1e30})
+        msg = error_line(self, baseline.main, args)
+        self.assertRegex(msg, r"^error: non-finite loss \('loss', 'ce'\) at epoch 2, step [123] of 3; stopped, "
+                              r"the checkpoint of epoch 1 is kept in ")
+        self.assertEqual(checkpoint(args.out)["epoch"], 1)
 
 if __name__ == "__main__":
     unittest.main()
