@@ -586,6 +586,9 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 of `views` independently augmented copies of it.
     evaluate(model, x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
     averages:   {name: [model names]} extra columns: the mean of those models' accuracies (e.g. 'peer_avg').
+    Stops early after --stop-after epochs (checkpoint kept; returns {'stopped_after_epoch', ...}, no final.json);
+    on Ctrl-C prints the command that resumes and exits with status 130; on a non-finite loss term stops with
+    a one-line error, keeping the last good checkpoint.
     """
     args, ckpt_path = run.args, os.path.join(run.out, "checkpoint.pt")
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
@@ -712,9 +715,9 @@ def _load_checkpoint(run, path, model, optimizers, gen):
         fail(f"--resume: cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupt or not a checkpoint")
     old = ck.get("meta") if isinstance(ck, dict) else None
     if old != _meta(run):
-        describe = lambda m: ", ".join(f"{k} {v}" for k, v in m.items()) if isinstance(m, dict) else "unknown"
-        fail(f"--resume: checkpoint {path!r} is from another run ({describe(old)}), not this one "
-             f"({describe(_meta(run))}); choose another --out")
+        theirs = ", ".join(f"{k} {v}" for k, v in old.items()) if isinstance(old, dict) else "unknown"
+        ours = ", ".join(f"{k} {v}" for k, v in _meta(run).items())
+        fail(f"--resume: checkpoint {path!r} is from another run ({theirs}), not this one ({ours}); choose another --out")
     try:
         model.load_state_dict(ck["model"])
         for k, o in optimizers.items():
