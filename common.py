@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -64,6 +65,8 @@ class TrainArgs:
     eval_batch_size: int = arg(1000, "test-time batch size")
     out: str = arg("", "output directory (default runs/<method>-<arch>-<dataset>-seed<seed>)")
     resume: bool = arg(False, "continue from the checkpoint in --out")
+    stop_after: int = arg(0, "stop after N epochs of this invocation, checkpoint kept, to continue later with "
+                             "--resume (0 = run to --epochs)")
     log_every: int = arg(0, "also print a line every N steps (0 = one row per epoch)")
 
 
@@ -94,7 +97,7 @@ def check_args(args):
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    for name in ("subset", "test_subset", "log_every"):
+    for name in ("subset", "test_subset", "log_every", "stop_after"):
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be >= 0 (0 = all/off), got {getattr(args, name)}")
     if not args.lr > 0:
@@ -523,7 +526,8 @@ def _folder(root, split, classes=None):
     from torchvision.io import ImageReadMode, decode_image
     d = os.path.join(root, split)
     if not os.path.isdir(d):
-        fail(f"--dataset folder needs {d!r} with one sub-folder per class (train/<class>/*, test/<class>/*)")
+        fail(f"--data-dir {root!r} has no {split}/ folder; --dataset folder needs {d!r} with one sub-folder per "
+             f"class (train/<class>/*, test/<class>/*)")
     found = sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
     if not found:
         fail(f"{d!r} has no class sub-folders; expected {split}/<class>/<image>")
@@ -536,7 +540,7 @@ def _folder(root, split, classes=None):
             try:
                 img = decode_image(path, mode=ImageReadMode.RGB)
             except Exception:
-                fail(f"cannot decode image {path!r}")
+                fail(f"cannot decode image {path!r} (not an image file torchvision can read)")
             if tuple(img.shape[1:]) != (32, 32):
                 fail(f"image {path!r} is {img.shape[2]}x{img.shape[1]}, expected 32x32")
             xs.append(img)
@@ -708,7 +712,8 @@ def setup(args, method):
         fail(f"{out!r} already holds a run; continue it with --resume or choose another --out")
     try:
         os.makedirs(out, exist_ok=True)
-        _write_json(os.path.join(out, "config.json"), {"method": method, **dataclasses.asdict(args)})
+        if not args.resume:  # a resumed run keeps the config.json it was started with
+            _write_json(os.path.join(out, "config.json"), {"method": method, **dataclasses.asdict(args)})
     except OSError as e:
         fail(f"cannot write to --out {out!r} ({e.strerror})")
     seed_everything(args.seed)
@@ -731,10 +736,19 @@ def _write_json(path, obj):
 
 
 def save_checkpoint(path, obj):
-    """Write to a temporary file, then rename: a crash during the save leaves the previous checkpoint."""
+    """Write to a temporary file, then rename: a crash, a full disk or Ctrl-C during the save leaves the
+    previous checkpoint as it was (and no half-written temporary file)."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)  # atomic on POSIX: `path` is always a complete checkpoint
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, Exception):  # disk full, permissions...: one line; Ctrl-C goes on to fit's handler
+            fail(f"cannot write checkpoint {path!r} ({type(e).__name__}: {(str(e) or '?').splitlines()[0]}); "
+                 f"the previous one is kept")
+        raise
 
 
 @torch.no_grad()
@@ -764,6 +778,9 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 of `views` independently augmented copies of it.
     evaluate(model, x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
     averages:   {name: [model names]} extra columns: the mean of those models' accuracies (e.g. 'peer_avg').
+    Stops early after --stop-after epochs (checkpoint kept; returns {'stopped_after_epoch', ...}, no final.json);
+    on Ctrl-C prints the command that resumes and exits with status 130; on a non-finite loss term stops with
+    a one-line error, keeping the last good checkpoint.
     """
     args, ckpt_path = run.args, os.path.join(run.out, "checkpoint.pt")
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
@@ -780,56 +797,73 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
     print("config " + json.dumps(dataclasses.asdict(args)), flush=True)
     steps_per_epoch = len(range(0, n_train - 1, args.batch_size))
     header_done, train_time, images = False, sum(h["sec"] for h in history), sum(h["images"] for h in history)
-    for epoch in range(start, args.epochs):
-        for opt in optimizers.values():
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_factor(epoch, args)
-        model.train()
-        sums, bad, seen = {}, {}, 0
-        t0 = time.perf_counter()
-        for i, (x, y) in enumerate(train_batches(run, gen, views)):
-            step = epoch * steps_per_epoch + i
-            logs = train_step(model, optimizers, x, y, epoch, step, run)
-            for k, v in logs.items():  # sums stay on the device: no host sync inside the epoch
-                v = v.detach().float()
-                sums[k] = sums.get(k, 0) + v * len(y)
-                first = bad.get(k, torch.full((), -1, device=v.device))  # first non-finite step, or -1
-                bad[k] = torch.where((first < 0) & ~torch.isfinite(v), step, first)
-            seen += len(y)
-            if args.log_every and (i + 1) % args.log_every == 0:
-                print(f"  step {i + 1}/{steps_per_epoch} loss {logs['loss'].item():.4f}", flush=True)
-        bad_steps = {k: int(v) for k, v in bad.items() if int(v) >= 0}
-        if bad_steps:
-            k = min(bad_steps, key=bad_steps.get)
-            fail(f"non-finite loss term {k!r} at epoch {epoch + 1}, step {bad_steps[k] - epoch * steps_per_epoch + 1}; "
-                 f"the last good checkpoint is kept in {run.out!r} (lower --lr?)")
-        if run.device.type == "cuda":
-            torch.cuda.synchronize()
-        sec = time.perf_counter() - t0
-        accs = evaluate_all(run, model, evaluate)
-        for name, members in (averages or {}).items():
-            accs[name] = sum(accs[m] for m in members) / len(members)
-        train_time, images = train_time + sec, images + seen
-        row = {"epoch": epoch + 1, "lr": optimizers[next(iter(optimizers))].param_groups[0]["lr"],
-               **{k: (v / seen).item() for k, v in sums.items()}, **{f"acc/{k}": v for k, v in accs.items()},
-               "sec": sec, "images": seen, "images_per_s": seen / sec}
-        history.append(row)
-        if accs[deployed] > best["acc"]:
-            best = {"acc": accs[deployed], "epoch": epoch + 1}
-        if not header_done:
-            cols = ["epoch", "lr"] + list(sums) + [f"acc/{k}" for k in accs] + ["sec", "img/s"]
-            print(" | ".join(f"{c:>{max(7, len(c))}}" for c in cols), flush=True)
-            header_done = True
-        vals = [f"{epoch + 1:>7}", f"{row['lr']:>7.4f}"] + [f"{row[k]:>{max(7, len(k))}.4f}" for k in sums] + \
-               [f"{accs[k]:>{max(7, len(k) + 4)}.2f}" for k in accs] + [f"{sec:>7.1f}", f"{seen / sec:>7.0f}"]
-        print(" | ".join(vals), flush=True)
-        _write_text(os.path.join(run.out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
-        save_checkpoint(ckpt_path, {
-            "epoch": epoch + 1, "meta": _meta(run), "history": history, "best": best,
-            "model": model.state_dict(),
-            "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-            "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None})
+    saved = start  # the epoch the checkpoint on disk holds (0: none yet)
+    try:
+        for epoch in range(start, args.epochs):
+            if args.stop_after and epoch - start == args.stop_after:
+                print(f"stopped after epoch {epoch} of {args.epochs} (--stop-after {args.stop_after}); "
+                      f"continue with: {resume_command(run)}", flush=True)
+                return {"stopped_after_epoch": epoch, "out": run.out, "resume_command": resume_command(run)}
+            for opt in optimizers.values():
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * lr_factor(epoch, args)
+            model.train()
+            sums, bad, seen = {}, {}, 0
+            t0 = time.perf_counter()
+            for i, (x, y) in enumerate(train_batches(run, gen, views)):
+                step = epoch * steps_per_epoch + i
+                logs = train_step(model, optimizers, x, y, epoch, step, run)
+                for k, v in logs.items():  # sums stay on the device: no host sync inside the epoch
+                    v = v.detach().float()
+                    sums[k] = sums.get(k, 0) + v * len(y)
+                    first = bad.get(k, torch.full((), -1, device=v.device))  # first non-finite step, or -1
+                    bad[k] = torch.where((first < 0) & ~torch.isfinite(v), step, first)
+                seen += len(y)
+                if args.log_every and (i + 1) % args.log_every == 0:
+                    print(f"  step {i + 1}/{steps_per_epoch} loss {logs['loss'].item():.4f}", flush=True)
+            bad_steps = {k: int(v) for k, v in bad.items() if int(v) >= 0}
+            if bad_steps:  # name every term that first went non-finite at the earliest bad step
+                first = min(bad_steps.values())
+                terms = ", ".join(repr(k) for k, at in bad_steps.items() if at == first)
+                kept = f"the checkpoint of epoch {saved} is kept in {run.out!r}" if saved else "no checkpoint was written"
+                fail(f"non-finite loss ({terms}) at epoch {epoch + 1}, step {first - epoch * steps_per_epoch + 1} of "
+                     f"{steps_per_epoch}; stopped, {kept} (lower --lr?)")
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            sec = time.perf_counter() - t0
+            accs = evaluate_all(run, model, evaluate)
+            for name, members in (averages or {}).items():
+                accs[name] = sum(accs[m] for m in members) / len(members)
+            train_time, images = train_time + sec, images + seen
+            row = {"epoch": epoch + 1, "lr": optimizers[next(iter(optimizers))].param_groups[0]["lr"],
+                   **{k: (v / seen).item() for k, v in sums.items()}, **{f"acc/{k}": v for k, v in accs.items()},
+                   "sec": sec, "images": seen, "images_per_s": seen / sec}
+            history.append(row)
+            if accs[deployed] > best["acc"]:
+                best = {"acc": accs[deployed], "epoch": epoch + 1}
+            if not header_done:
+                cols = ["epoch", "lr"] + list(sums) + [f"acc/{k}" for k in accs] + ["sec", "img/s"]
+                print(" | ".join(f"{c:>{max(7, len(c))}}" for c in cols), flush=True)
+                header_done = True
+            vals = [f"{epoch + 1:>7}", f"{row['lr']:>7.4f}"] + [f"{row[k]:>{max(7, len(k))}.4f}" for k in sums] + \
+                   [f"{accs[k]:>{max(7, len(k) + 4)}.2f}" for k in accs] + [f"{sec:>7.1f}", f"{seen / sec:>7.0f}"]
+            print(" | ".join(vals), flush=True)
+            _write_text(os.path.join(run.out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+            save_checkpoint(ckpt_path, {
+                "epoch": epoch + 1, "meta": _meta(run), "history": history, "best": best,
+                "model": model.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None,
+                "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "args": dataclasses.asdict(args)})
+            saved = epoch + 1
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is the last completed epoch, consistent as is
+        if saved:
+            print(f"interrupted in epoch {saved + 1}; the checkpoint of epoch {saved} is kept in {run.out!r}; "
+                  f"resume with: {resume_command(run)}", file=sys.stderr, flush=True)
+        else:
+            print("interrupted in epoch 1, before the first checkpoint; nothing to resume", file=sys.stderr, flush=True)
+        raise SystemExit(130)  # the shell's status for 'ended by SIGINT'
     last = history[-1]
     models = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
     final = {**_meta(run), "epochs": args.epochs, "seed": args.seed, "device": _device_name(run.device),
@@ -845,6 +879,19 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
     return final
 
 
+def resume_command(run):
+    """The command line that continues this run: the script, every flag that differs from its default,
+    the output folder and --resume (floats print in full precision, so the values are exactly these)."""
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == f"{run.method}.py" else f"{run.method}.py"
+    parts = [os.path.basename(sys.executable) or "python", script]
+    for f in dataclasses.fields(run.args):
+        value, flag = getattr(run.args, f.name), "--" + f.name.replace("_", "-")
+        if f.name in ("out", "resume") or value == f.default:
+            continue
+        parts += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts + ["--out", run.out, "--resume"])
+
+
 def _meta(run):
     return {"method": run.method, "arch": run.args.arch, "dataset": run.args.dataset, "num_classes": run.num_classes}
 
@@ -858,15 +905,27 @@ def _load_checkpoint(run, path, model, optimizers, gen):
         ck = torch.load(path, map_location=run.device, weights_only=False)
     except Exception as e:
         fail(f"--resume: cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupt or not a checkpoint")
-    if not isinstance(ck, dict) or ck.get("meta") != _meta(run):
-        fail(f"--resume: checkpoint {path!r} is from another run ({ck.get('meta') if isinstance(ck, dict) else '?'}), "
-             f"not {_meta(run)}")
-    model.load_state_dict(ck["model"])
-    for k, o in optimizers.items():
-        o.load_state_dict(ck["optimizers"][k])
+    old = ck.get("meta") if isinstance(ck, dict) else None
+    if old != _meta(run):
+        theirs = ", ".join(f"{k} {v}" for k, v in old.items()) if isinstance(old, dict) else "unknown"
+        ours = ", ".join(f"{k} {v}" for k, v in _meta(run).items())
+        fail(f"--resume: checkpoint {path!r} is from another run ({theirs}), not this one ({ours}); choose another --out")
+    try:
+        model.load_state_dict(ck["model"])
+        for k, o in optimizers.items():
+            o.load_state_dict(ck["optimizers"][k])
+    except (RuntimeError, KeyError, ValueError) as e:  # e.g. another --num-peers: name the flags that changed
+        old, new = ck.get("args", {}), dataclasses.asdict(run.args)
+        changed = [f"--{k.replace('_', '-')} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]
+                   and k not in ("resume", "stop_after", "out", "log_every")]
+        fail(f"--resume: the weights in {path!r} do not fit this model ({type(e).__name__}); "
+             f"changed since that run: {', '.join(changed) or 'nothing recorded'}")
     gen.set_state(ck["gen"].cpu() if run.device.type == "cpu" else ck["gen"])
     torch.set_rng_state(ck["torch_rng"].cpu())
     if ck["cuda_rng"] is not None and run.device.type == "cuda":
         torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    if "python_rng" in ck:  # checkpoints written before these two were saved lack them
+        random.setstate(ck["python_rng"])
+        np.random.set_state(ck["numpy_rng"])
     print(f"resumed from {path} after epoch {ck['epoch']}", flush=True)
     return ck["epoch"], ck["history"], ck["best"]
