@@ -13,8 +13,8 @@ filled over several sessions: stop it at any time (Ctrl-C) and run the same comm
     python tools/reproduce.py list short                                 # the commands, and what is done
     python tools/reproduce.py report      # results/ -> RESULTS.md and README.md (between the results markers)
 
-Grids (`GRIDS` below): tiny = every method script present, resnet8, synthetic `fake` data, 2 epochs, 512
-images (a check of the pipeline, never compared with a paper); short = the six scripts, resnet32, real
+Grids (`GRIDS` below): tiny = every method script present, resnet8, synthetic `fake` data, 3 epochs, 512
+images, batch 32, 3 seeds (a check of the pipeline, never compared with a paper); short = the six scripts, resnet32, real
 CIFAR-10 images as JPEG (`--dataset folder`), 30 epochs, 1 seed; table1 = the six scripts, resnet32,
 CIFAR-10 (torchvision), the full 300-epoch recipe, 3 seeds; table1-jpeg = table1 on the JPEG folder (for
 machines without internet). The report puts PCL Table 1's CIFAR-10 ResNet-32 figures beside ours.
@@ -49,8 +49,8 @@ DATA = {
 
 # A grid: which scripts, backbones, data, seeds and schedule; `flags` are passed to every run unchanged.
 GRIDS = {
-    "tiny": dict(methods=None, archs=["resnet8"], data="fake", seeds=[0], epochs=2,
-                 flags=["--subset", "512", "--test-subset", "200", "--batch-size", "64", "--device", "cpu"]),
+    "tiny": dict(methods=None, archs=["resnet8"], data="fake", seeds=[0, 1, 2], epochs=3,
+                 flags=["--subset", "512", "--test-subset", "200", "--batch-size", "32", "--device", "cpu"]),
     "short": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10-jpeg", seeds=[0], epochs=30, flags=[]),
     "table1": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10", seeds=[0, 1, 2], epochs=300, flags=[]),
     "table1-jpeg": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10-jpeg", seeds=[0, 1, 2], epochs=300,
