@@ -118,8 +118,9 @@ def check_args(args):
 # =====================================================================================================
 class Net(nn.Module):
     """A backbone as parts. `widths[i]`: channels out of stages[i]; `split`: how many stages the shared
-    trunk of a multi-branch network keeps (backbones.md section 9); `feature_dim`: width of pool's output
-    (given explicitly when fc is not a single Linear, e.g. VGG's MLP head)."""
+    trunk of a multi-branch network keeps (where the ONE / OKDDip official codes cut it; README, Backbones);
+    `feature_dim`: width of pool's output (given explicitly when fc is not a single Linear, e.g. VGG's MLP
+    head)."""
 
     def __init__(self, stem, stages, pool, fc, widths, split, feature_dim=None):
         super().__init__()
@@ -283,7 +284,8 @@ class PreActBlock(nn.Module):
 def wide_resnet(depth, k, num_classes):
     """Zagoruyko & Komodakis pre-activation WRN-depth-k with FFSD's conv bias=True: conv3x3 3->16; three
     stages of (depth-4)/6 PreActBlocks with 16k/32k/64k channels (strides 1, 2, 2); the final BN + ReLU closes
-    stage 3, so that stage's output is FFSD's third tap (backbones.md section 10); avg-pool; Linear(64k -> C).
+    stage 3, so that stage's output is FFSD's third tap (FFSD official code, models/wideresnet_cifar.py);
+    avg-pool; Linear(64k -> C).
     NOTE(deviation): FFSD's final BN uses momentum=0.9 (running stats follow the latest batch); here 0.1."""
     n, stages, cin = (depth - 4) // 6, [], 16
     for i, w in enumerate((16 * k, 32 * k, 64 * k)):
@@ -310,8 +312,8 @@ def vgg16(num_classes, dropout=0.5):
     Dropout-Linear(512, 512)-ReLU-Dropout-Linear(512, C). 15,253,578 / 15,299,748 params.
     Parts: stem = conv stages 1-2; stages = conv stages 3, 4, 5, each OPENED by the previous max-pool (the
     last max-pool is in `pool`), so every backbone exposes three stages whose maps halve (256x8x8, 512x4x4,
-    512x2x2) and none is 1x1. The shared trunk (stem + stages 1-2) is conv stages 1-4, as in backbones.md
-    section 9 (same parameters, same function); it hands over 512x4x4, i.e. before its parameter-free max-pool,
+    512x2x2) and none is 1x1. The shared trunk (stem + stages 1-2) is conv stages 1-4, as in OKDDip's official
+    vgg_GL.py (same parameters, same function); it hands over 512x4x4, i.e. before its parameter-free max-pool,
     which opens each branch.
     Dropout 0.5 = OKDDip's multi-branch VGG (its single-network vgg.py and the PCL re-implementation use 0.0).
     Init: Kaiming fan-out convs, BN 1/0, Linear N(0, 0.01), all biases 0 (OKDDip)."""
@@ -347,8 +349,9 @@ def densenet(depth, k, num_classes, bc):
     """DenseNet for CIFAR: conv3x3 3->2k; three dense blocks of n layers (n = (depth-4)/6 bottleneck layers
     for BC, (depth-4)/3 plain ones otherwise); transitions BN-ReLU-conv1x1 (x0.5 channels for BC, x1 plain) +
     avg-pool 2; final BN + ReLU (closing stage 3); avg-pool; Linear. Stage boundaries follow each reference:
-    BC (OKDDip) closes stages 1-2 with their transition, so the trunk ends at 60x8x8 (backbones.md section 9);
-    plain (FFSD) opens stages 2-3 with it, so stage outputs are the dense-block outputs FFSD taps (section 10)."""
+    BC (OKDDip) closes stages 1-2 with their transition, so the trunk ends at 60x8x8 (OKDDip official code,
+    densenet_GL.py); plain (FFSD) opens stages 2-3 with it, so stage outputs are the dense-block outputs FFSD
+    taps (FFSD official code, models/densenet_cifar.py)."""
     n, c = (depth - 4) // (6 if bc else 3), 2 * k
     stem, parts, outs = nn.Conv2d(3, c, 3, 1, 1, bias=False), [], []  # block, transition, block, transition, block
     for i in range(3):
@@ -430,7 +433,7 @@ def build_backbone(arch, num_classes):
 
 
 def num_params(module):
-    """Trainable parameters (BN running buffers excluded), the count backbones.md reports."""
+    """Trainable parameters (BN running buffers excluded), the count the tests pin and README, Backbones reports."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 

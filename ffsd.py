@@ -34,7 +34,7 @@ Differences from baseline.py:
     6. Evaluation reports each student, their mean, their averaged-logit ensemble, the fusion classifier
        and the leader; the leader is deployed.
 
-Deviations from the official code (see notes/ffsd.md):
+Deviations from the official code (SJLeo/FFSD, CIFARTrainer.py):
     1. One summed backward pass, then every optimiser steps. The code runs one backward per network in the
        order students -> fusion -> leader -> SD modules; because every cross-network target and the fusion
        input are detached and the parameter sets are disjoint, each parameter gets exactly the same gradient.
@@ -170,7 +170,8 @@ class FFSD(nn.Module):
 
     def __init__(self, arch, num_classes, M):
         super().__init__()
-        # ALGO: M + 1 separately built backbones of one architecture; nothing shared (checklist 1).
+        # ALGO: M + 1 separately built backbones of one architecture; nothing shared (FFSD official code,
+        # CIFARTrainer.py).
         self.students = nn.ModuleList(common.build_backbone(arch, num_classes) for _ in range(M))
         self.leader = common.build_backbone(arch, num_classes)
         widths, C = self.leader.widths, self.leader.widths[-1]
@@ -199,7 +200,8 @@ class FFSD(nn.Module):
         return maps
 
     def forward(self, x):
-        """Every tensor the losses need, for one batch x (B, 3, 32, 32) shared by all networks (card step 1)."""
+        """Every tensor the losses need, for one batch x (B, 3, 32, 32) shared by all networks (the forward passes
+        that open each iteration of the FFSD official code, CIFARTrainer.py)."""
         M = len(self.students)
         feats_ld = self.leader.features(x)  # [F_ld^1, ..., F_ld^L]
         feats = [net.features(x) for net in self.students]  # M lists of L maps
@@ -228,8 +230,9 @@ def build_model(args, num_classes):
 
 
 def build_optimizers(model, args):
-    # ALGO: card section 6: one SGD per student; the leader's SGD also holds its decoder R; the fusion module's
-    # SGD has its own weight decay (1e-5); each SD module has its own Adam (coupled L2 = --weight-decay).
+    # ALGO: FFSD official code, CIFARTrainer.py: one SGD per student; the leader's SGD also holds its decoder R;
+    # the fusion module's SGD has its own weight decay (1e-5); each SD module has its own Adam (coupled L2 =
+    # --weight-decay).
     # fit() scales every group's LR by the step schedule, so all of them decay at 50% / 75% of the epochs.
     opts = {f"student{k + 1}": common.sgd(net.parameters(), args) for k, net in enumerate(model.students)}
     opts["fusion"] = common.sgd(model.fusion.parameters(), args, weight_decay=args.fusion_wd)

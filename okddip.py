@@ -9,8 +9,9 @@ attention-weighted mix of the peers' logits, with weights from the peers' pooled
 targets keep the peers from collapsing onto one shared ensemble. Second level: the plain mean of the
 auxiliary peers is distilled into the leader, which is the model deployed.
 
-Objective (okddip.md section 3, as the official code implements it; the paper's method section was not
-available), peer logits z_a (a < m), pooled peer features h_a, leader logits z_L:
+Objective (as the official code DefangChen/OKDDip-AAAI2020 implements it: train_GL.py, utils.py KL_Loss,
+models/model_cifar/*_GL.py; not checked against the paper's method section), peer logits z_a (a < m),
+pooled peer features h_a, leader logits z_L:
     q_a = W_q h_a,  k_a = W_k h_a                       (bias-free Linear(D -> D/8), one pair for all peers)
     A[a, :] = softmax_b(q_a . k_b)                      (per sample, no 1/sqrt(d), b = a included)
     t_a = sum_b A[a, b] z_b                             (mix of LOGITS)
@@ -70,7 +71,8 @@ class OKDDip(nn.Module):
         self.m, self.exclude_self = m, exclude_self
         self.net = common.MultiBranch(arch, num_classes, m + 1)
         D = self.net.feature_dim
-        # ALGO: okddip.md section 2: W_q, W_k = Linear(D -> D/8, no bias), ONE pair shared by all peers.
+        # ALGO: OKDDip official code (models/model_cifar/*_GL.py): W_q, W_k = Linear(D -> D/8, no bias), ONE pair
+        # shared by all peers.
         self.query = nn.Linear(D, D // 8, bias=False)
         self.key = nn.Linear(D, D // 8, bias=False)
 
@@ -106,7 +108,8 @@ def build_optimizers(model, args):
 # ===== 4. Loss =====
 def peer_targets(peer_logits, A):
     """t_a = sum_b A[a, b] z_b. peer_logits: (m, B, C), A: (B, m, m). Returns (m, B, C)."""
-    # ALGO: okddip.md section 2: targets mix LOGITS (softmax(./T) comes inside the KD), per sample.
+    # ALGO: OKDDip official code (models/model_cifar/*_GL.py): targets mix LOGITS (softmax(./T) comes inside the
+    # KD), per sample.
     return torch.einsum("bac,cbk->abk", A.float(), peer_logits.float())
 
 
@@ -132,7 +135,7 @@ def okddip_loss(logits, A, y, w, args):
 
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
-    # ALGO: w(e) from the 0-based epoch, constant within an epoch (okddip.md section 3).
+    # ALGO: w(e) from the 0-based epoch, constant within an epoch (OKDDip official code, train_GL.py: --length 80).
     w = common.sigmoid_rampup(epoch, run.args.rampup_epochs)
     with run.autocast():
         logits, A = model(x)  # (m + 1, B, C), (B, m, m)

@@ -8,13 +8,14 @@ sum of the branch logits is a teacher built on the fly. The teacher learns from 
 branch, and its softened prediction is distilled back into each branch. At test time one branch is kept:
 the deployed model costs exactly as much as the plain backbone.
 
-Objective (one.md section 3), branch logits z_i, gate g = softmax(ReLU(BN(W pool(trunk(x)) + b))) over the m
-branches, teacher z_e = sum_i g_i z_i (logits, per sample, nothing detached in the forward):
+Objective (ONE paper Sec. 3; exact forms from the official code Lan1991Xu/ONE_NeurIPS2018, cifar_one.py and
+loss/kl_loss.py), branch logits z_i, gate g = softmax(ReLU(BN(W pool(trunk(x)) + b))) over the m branches,
+teacher z_e = sum_i g_i z_i (logits, per sample, nothing detached in the forward):
     L = sum_i CE(z_i, y) + CE(z_e, y) + w(e) * sum_i T^2 * KL(softmax(sg(z_e)/T) || softmax(z_i/T))
 T = 3; w(e) = exp(-5 (1 - min(e, 80)/80)^2) at the 0-based epoch e (the official code's ramp-up); sg = detach
 (the teacher is a target in the KL; it and the gate learn from CE(z_e) only). KL summed over classes,
-averaged over the batch. (Section numbers refer to the method card one.md; it quotes no paper equation
-numbers, so none are cited here.)
+averaged over the batch. (No paper equation numbers are cited: these forms were checked against the official
+code, not against the paper's equations.)
 
 Differences from baseline.py:
     1. The model is a shared trunk (stem + stages 1-2) with m branches (stage 3 + pool + Linear each, their
@@ -33,8 +34,9 @@ both data sets).
 Run:
     python one.py --arch resnet32 --dataset cifar100                     # GPU
     python one.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
-Published (error %, ResNet-32): 5.99 (CIFAR-10), 26.61 (CIFAR-100) in the ONE paper (unverified recollection,
-one.md section 8); PCL Tables 1-2 ONE column: 5.80 +- 0.12 (CIFAR-10), 26.21 +- 0.41 (CIFAR-100).
+Published (error %, ResNet-32): 5.99 (CIFAR-10), 26.61 (CIFAR-100) in the ONE paper (unverified;
+FFSD Table II quotes ONE ResNet-32 CIFAR-100 as 73.39 % accuracy); PCL Tables 1-2 ONE column: 5.80 +- 0.12
+(CIFAR-10), 26.21 +- 0.41 (CIFAR-100).
 """
 # ===== 1. Imports =====
 import dataclasses
@@ -72,8 +74,9 @@ class ONE(nn.Module):
     def __init__(self, arch, num_classes, m):
         super().__init__()
         self.net = common.MultiBranch(arch, num_classes, m)
-        # ALGO: one.md section 2: gate = pool(shared trunk output) -> Linear(C_trunk -> m, bias) -> BN1d(m) -> ReLU,
-        # then a softmax over the branches (in forward). The ReLU clips negative scores to 0.
+        # ALGO: ONE paper / official code (models/cifar/resnet.py, ONE_ResNet): gate = pool(shared trunk output)
+        # -> Linear(C_trunk -> m, bias) -> BN1d(m) -> ReLU, then a softmax over the branches (in forward). The ReLU
+        # clips negative scores to 0.
         self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.net.trunk_channels, m),
                                   nn.BatchNorm1d(m), nn.ReLU())
 
@@ -102,7 +105,7 @@ def build_optimizers(model, args):
 def one_loss(logits, z_e, y, w, args):
     """logits: (m, B, C) branches; z_e: (B, C) gated teacher; w: ramp-up weight. Returns (loss, logs)."""
     T, loss, logs = args.temperature, 0.0, {}
-    # ALGO: one.md section 3: CE(z_e, y) trains the teacher, hence the gate (mean over the batch).
+    # ALGO: official ONE code, cifar_one.py: CE(z_e, y) trains the teacher, hence the gate (mean over the batch).
     ce_e = F.cross_entropy(z_e.float(), y)
     for i in range(logits.shape[0]):
         # ALGO: CE(z_i, y) for every branch, mean over the batch.
@@ -119,7 +122,7 @@ def one_loss(logits, z_e, y, w, args):
 
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
-    # ALGO: w(e) from the 0-based epoch, constant within an epoch (one.md section 3).
+    # ALGO: w(e) from the 0-based epoch, constant within an epoch (official ONE code, utils/ramps.py).
     w = common.sigmoid_rampup(epoch, run.args.rampup_epochs)
     with run.autocast():
         logits, _, z_e = model(x)  # (m, B, C), (B, m), (B, C)

@@ -1,7 +1,8 @@
 """PCL: Peer Collaborative Learning for Online Knowledge Distillation.
 
 G. Wu, S. Gong. "Peer Collaborative Learning for Online Knowledge Distillation". AAAI 2021. arXiv:2006.04147.
-No official code; the loss below follows the public re-implementation's structure (see ../README.md).
+No official code; the loss below follows the structure of the public re-implementation
+shaoeric/Peer-Collaborative-Learning-for-Online-Knowledge-Distillation (src/losses/, src/trainer.py).
 
 One network with a shared low-level trunk and m branches ("peers"); each peer sees its own random
 augmentation of the image. A peer ensemble teacher (one Linear on the concatenated pooled features of all

@@ -1,6 +1,7 @@
 """Backbones (common.py section 2) and their multi-branch split (section 3): pinned parameter counts for 10 and
-100 classes, stage shapes, pooled widths, trunk / branch sizes of backbones.md section 9, fresh modules per
-branch, and the definition details that change numbers (pre-activation WRN taps, VGG head, DenseNet variants)."""
+100 classes, stage shapes, pooled widths, trunk / branch sizes (split as in the ONE / OKDDip official codes; README,
+Backbones), fresh modules per branch, and the definition details that change numbers (pre-activation WRN
+taps, VGG head, DenseNet variants)."""
 import unittest
 
 import torch
@@ -20,7 +21,8 @@ def resnet8_count(C):
     return stem + s1 + s2 + s3 + 64 * C + C
 
 
-# Trainable parameters (C10, C100), from backbones.md section 1. Every published count is matched exactly.
+# Trainable parameters (C10, C100) of the definitions in README, Backbones. Every published count is matched
+# exactly.
 PARAMS = {
     "resnet8": (resnet8_count(10), resnet8_count(100)),
     "resnet20": (272_474, 278_324),
@@ -39,8 +41,8 @@ PARAMS = {
     "googlenet": (6_166_250, 6_258_500),
 }
 
-# (C, H, W) of each stage output for a 32x32 input: FFSD's taps (backbones.md section 10) where it lists
-# them, otherwise the stage outputs its sections 2-9 describe.
+# (C, H, W) of each stage output for a 32x32 input: FFSD's taps (FFSD official code, models/*_cifar.py)
+# for the backbones FFSD uses, otherwise the stage outputs of each definition (README, Backbones).
 BASIC = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
 BOTTLE = [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
 STAGES = {
@@ -54,7 +56,8 @@ STAGES = {
     "googlenet": [(480, 32, 32), (832, 16, 16), (1024, 8, 8)],
 }
 
-# backbones.md section 9 (CIFAR-100): (shared trunk, one branch) parameters, where the table gives them.
+# (shared trunk, one branch) parameters on CIFAR-100, split as in the ONE / OKDDip official codes (README,
+# Backbones), for the backbones listed.
 SPLITS = {
     "resnet32": (112_592, 360_164),
     "resnet110": (275_280, 895_588),

@@ -14,7 +14,8 @@ from helpers import ROOT, fake_run, tiny
 import common
 import ffsd
 
-# ----- independent numpy versions of the card's formulas (sum over classes, / B, x T^2) -----
+# ----- independent numpy versions of FFSD's formulas (official code, CIFARTrainer.py; sum over classes, / B,
+# x T^2) -----
 
 
 def np_log_softmax(z):

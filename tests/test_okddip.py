@@ -1,6 +1,7 @@
 """okddip.py: attention and targets against explicit loops, the two-level loss against a hand computation,
 gradient routing (W_q learns only through the undetached targets), leader handling, parameter counts, a tiny
-run that learns, determinism and the CLI. Reviewer checklist: okddip.md section 10."""
+run that learns, determinism and the CLI. Expected behaviour: OKDDip official code
+(DefangChen/OKDDip-AAAI2020, train_GL.py, models/model_cifar/*_GL.py); counts: README, Backbones."""
 import math
 import unittest
 
@@ -204,7 +205,8 @@ class TestModel(unittest.TestCase):
         self.assertEqual(common.num_params(net), sum(common.num_params(grp) for grp in groups))
 
     def test_parameter_counts_resnet32(self):
-        # okddip.md section 2: 1,554,272 on CIFAR-100 = trunk 112,592 + 4 x branch 360,164 + W_q, W_k 2 x 64 x 8.
+        # 4 branches as in the official code: 1,554,272 on CIFAR-100 = trunk 112,592 + 4 x branch 360,164
+        # + W_q, W_k 2 x 64 x 8.
         # CIFAR-10 from the same definition: a branch's Linear(64 -> 10) has 90 x 65 = 5,850 fewer parameters,
         # so 112,592 + 4 x 354,314 + 1,024 = 1,530,872. The leader alone is the plain ResNet-32.
         for classes, total, leader in ((10, 1_530_872, 466_906), (100, 1_554_272, 472_756)):

@@ -1,5 +1,5 @@
-"""PCL (pcl.py): loss against an explicit computation of the card's equation, the temporal-mean (EMA) teacher,
-gradient routing, per-peer views, parameter counts, a tiny run that learns, and determinism."""
+"""PCL (pcl.py): loss against an explicit computation of the objective in pcl.py's docstring, the temporal-mean
+(EMA) teacher, gradient routing, per-peer views, parameter counts, a tiny run that learns, and determinism."""
 import copy
 import json
 import math
