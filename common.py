@@ -811,20 +811,23 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * lr_factor(epoch, args)
             model.train()
-            sums, bad, seen = {}, {}, 0
+            names, seen = None, 0
             t0 = time.perf_counter()
             for i, (x, y) in enumerate(train_batches(run, gen, views)):
                 step = epoch * steps_per_epoch + i
                 logs = train_step(model, optimizers, x, y, epoch, step, run)
-                for k, v in logs.items():  # sums stay on the device: no host sync inside the epoch
-                    v = v.detach().float()
-                    sums[k] = sums.get(k, 0) + v * len(y)
-                    first = bad.get(k, torch.full((), -1, device=v.device))  # first non-finite step, or -1
-                    bad[k] = torch.where((first < 0) & ~torch.isfinite(v), step, first)
+                # BOILERPLATE: every logged term in one device vector: a few kernels per step whatever the number
+                # of terms, and no host sync inside the epoch (read once per epoch below).
+                vals = torch.stack([v.detach().float() for v in logs.values()])  # (terms,)
+                if names is None:
+                    names, sums, bad = list(logs), torch.zeros_like(vals), torch.full_like(vals, -1.0)
+                sums += vals * len(y)
+                bad = torch.where((bad < 0) & ~torch.isfinite(vals), float(step), bad)  # first non-finite step
                 seen += len(y)
                 if args.log_every and (i + 1) % args.log_every == 0:
                     print(f"  step {i + 1}/{steps_per_epoch} loss {logs['loss'].item():.4f}", flush=True)
-            bad_steps = {k: int(v) for k, v in bad.items() if int(v) >= 0}
+            sums = dict(zip(names, sums.tolist()))
+            bad_steps = {k: int(at) for k, at in zip(names, bad.tolist()) if at >= 0}
             if bad_steps:  # name every term that first went non-finite at the earliest bad step
                 first = min(bad_steps.values())
                 terms = ", ".join(repr(k) for k, at in bad_steps.items() if at == first)
@@ -839,7 +842,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 accs[name] = sum(accs[m] for m in members) / len(members)
             train_time, images = train_time + sec, images + seen
             row = {"epoch": epoch + 1, "lr": optimizers[next(iter(optimizers))].param_groups[0]["lr"],
-                   **{k: (v / seen).item() for k, v in sums.items()}, **{f"acc/{k}": v for k, v in accs.items()},
+                   **{k: v / seen for k, v in sums.items()}, **{f"acc/{k}": v for k, v in accs.items()},
                    "sec": sec, "images": seen, "images_per_s": seen / sec}
             history.append(row)
             if accs[deployed] > best["acc"]:
