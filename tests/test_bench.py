@@ -25,6 +25,17 @@ class TestBench(unittest.TestCase):
             self.assertAlmostEqual(r["ratio"], r["okd"]["images_per_s"] / r["ref"]["images_per_s"])
             self.assertTrue(0 < r["ref"]["final_loss"] < 10 and 0 < r["okd"]["final_loss"] < 10)
 
+    def test_accuracy_mode_trains_both_paths_to_well_above_chance(self):
+        """The same-accuracy check: both pipelines train the same schedule and score the deployed model."""
+        out = os.path.join(tmpdir(self), "acc.json")
+        rows = bench.main(["--accuracy", "--methods", "baseline", "--archs", "resnet8", "--dataset", "fake",
+                           "--subset", "256", "--test-subset", "200", "--epochs", "3", "--seeds", "0",
+                           "--batch-size", "32", "--workers", "0", "--out", out])
+        self.assertEqual((rows[0]["method"], rows[0]["model"]), ("baseline", "net"))
+        for path in ("ref", "okd"):
+            self.assertGreater(rows[0][path][0], 40.0)  # 10 classes: chance is 10%
+        self.assertEqual(json.load(open(out))["accuracy"][0]["okd"], rows[0]["okd"])
+
     def test_reference_pipeline_is_crop_and_flip_of_padded_image(self):
         x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
         ds = bench.PILSet(x, torch.arange(4), torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1), views=2)
