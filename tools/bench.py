@@ -175,6 +175,10 @@ def accuracy_check(opt, device):
     return rows
 
 
+def mib(m):
+    return "-" if m["peak_mib"] != m["peak_mib"] else f"{m['peak_mib']:.0f}"  # NaN on CPU: no device memory
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cuda = torch.cuda.is_available()
@@ -232,8 +236,8 @@ def main(argv=None):
             rows.append(row)
             ep = lambda k: 50000 / med[k]["images_per_s"]  # noqa: E731  (seconds per 50k-image epoch)
             print(f"{name:<9} {arch:<10} {med['ref']['images_per_s']:>10.0f} {med['okd']['images_per_s']:>10.0f} "
-                  f"{row['ratio']:>5.2f}x {ep('ref'):>9.1f} {ep('okd'):>9.1f} {med['ref']['peak_mib']:>8.0f} "
-                  f"{med['okd']['peak_mib']:>8.0f}", flush=True)
+                  f"{row['ratio']:>5.2f}x {ep('ref'):>9.1f} {ep('okd'):>9.1f} {mib(med['ref']):>8} {mib(med['okd']):>8}",
+                  flush=True)
     _save(opt, {"env": env, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
                 "settings": vars(opt), "rows": rows})
     return rows
