@@ -80,6 +80,8 @@ def dml_loss(logits, y, args):
 
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
+    # NOTE(deviation): joint update by default (the CIFAR re-implementations); the paper's Algorithm 1 is the
+    # sequential branch below (--update sequential).
     if run.args.update == "joint":
         with run.autocast():
             logits = torch.stack([net(x) for net in model])  # (K, B, C)

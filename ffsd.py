@@ -325,7 +325,9 @@ def train_step(model, optimizers, x, y, epoch, step, run):
         loss, logs = ffsd_loss(out, y, run.args, warmup(epoch, run.args))
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
-    loss.backward()  # one pass; identical per-parameter gradients to the code's per-network backward passes
+    # NOTE(deviation): one summed backward instead of the official code's backward per network; every parameter
+    # gets the same gradient because all cross-network targets and the fusion input are detached.
+    loss.backward()
     for opt in optimizers.values():  # students, fusion, leader (+R), SD modules: disjoint parameter sets
         opt.step()
     return logs
@@ -337,8 +339,9 @@ def evaluate(model, x):
     z = torch.stack([model._head(net, f) for net, f in zip(model.students, feats)])  # (M, B, classes)
     _, z_f = model.fusion(torch.cat([f[-1] for f in feats], dim=1))
     # The leader is deployed (one backbone). The rest are labelled secondary models: each student, the
-    # ensemble = arg-max of the MEAN of the students' logits (not the official "any student correct" oracle),
-    # and the fusion classifier (needs every student at test time).
+    # ensemble and the fusion classifier (needs every student at test time).
+    # NOTE(deviation): ensemble = arg-max of the MEAN of the students' logits, not the official code's
+    # "any student correct" oracle (utils/util.py, ensemble_accuracy).
     return {**{f"student{k + 1}": z[k] for k in range(len(model.students))}, "ensemble": z.float().mean(0),
             "fusion": z_f, "leader": model.leader(x)}
 

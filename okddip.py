@@ -122,6 +122,7 @@ def okddip_loss(logits, A, y, w, args):
     t = peer_targets(peers, A)  # (m, B, C)
     for a in range(m):
         # ALGO: CE(z_a, y), mean over the batch; first level: KD_T(t_a -> z_a) = T^2 KL(softmax(t_a/T) || softmax(z_a/T)).
+        # NOTE(deviation): the official KL_Loss adds 1e-7 to the target probabilities; left out (negligible).
         ce, kd = F.cross_entropy(peers[a].float(), y), common.kd_loss(peers[a], t[a], T)
         loss = loss + ce + w * kd
         logs[f"ce/peer{a + 1}"], logs[f"kd/peer{a + 1}"] = ce.detach(), kd.detach()

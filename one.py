@@ -112,6 +112,7 @@ def one_loss(logits, z_e, y, w, args):
         ce = F.cross_entropy(logits[i].float(), y)
         # ALGO: KD_T(sg(z_e) -> z_i) = T^2 * KL(softmax(z_e/T) || softmax(z_i/T)), batchmean. The teacher is
         # detached (the official code takes it from .data): KD moves the branches and trunk, never the gate.
+        # NOTE(deviation): the official code adds 1e-7 to the teacher's probabilities; left out (negligible).
         kd = common.kd_loss(logits[i], z_e.detach(), T)
         loss = loss + ce + w * kd
         logs[f"ce/branch{i + 1}"], logs[f"kd/branch{i + 1}"] = ce.detach(), kd.detach()
