@@ -1,9 +1,12 @@
-"""Shared test helpers: tiny CPU arguments, temporary output folders, running a script as a user would."""
+"""Shared test helpers: tiny CPU arguments, temporary output folders, running a script as a user would, a batch of
+random images, and independent numpy / explicit-loop references for softmax, cross-entropy and the KD term."""
+import math
 import os
 import subprocess
 import sys
 import tempfile
 
+import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,3 +45,62 @@ def fake_run(args, n=64):
     data = common.Data(x, y, x, y, f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True),
                        [f"class{i}" for i in range(10)])
     return common.Run(args, "test", torch.device("cpu"), data, out="", amp=False, channels_last=False)
+
+
+def three_steps(method, args, build_net):
+    """Three method.train_step calls (batches 0:16, 16:32, 0:16 at epoch 0) on a 32-image fake run, with the net
+    build_net() makes once the run exists and method.build_optimizers' optimisers. Returns the three losses and
+    every parameter flattened into one tensor afterwards: what a same-seed-same-numbers test compares."""
+    run = fake_run(args, 32)
+    x, y = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std, run.data.train_y
+    net = build_net()
+    opt = method.build_optimizers(net, args)
+    logs = [method.train_step(net, opt, x[i:i + 16], y[i:i + 16], 0, i, run)["loss"].item() for i in (0, 16, 0)]
+    return logs, torch.cat([p.detach().flatten() for p in net.parameters()])
+
+
+def assert_parts_disjoint(testcase, net, groups):
+    """No module object and no parameter is shared between two of the parts in groups, and common.num_params(net)
+    is the sum over the parts (each counted once)."""
+    import common
+    ids = [{id(mod) for mod in grp.modules()} for grp in groups]
+    pids = [{id(p) for p in grp.parameters()} for grp in groups]
+    for i in range(len(groups)):
+        for j in range(i + 1, len(groups)):
+            testcase.assertFalse(ids[i] & ids[j], f"module object shared between parts {i} and {j}")
+            testcase.assertFalse(pids[i] & pids[j], f"parameter shared between parts {i} and {j}")
+    testcase.assertEqual(common.num_params(net), sum(common.num_params(grp) for grp in groups))
+
+
+def batch(n=8, seed=0):
+    """n random (3, 32, 32) images from a seeded generator, with labels arange(n) % 10."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % 10
+
+
+# ----- independent references (plain numpy and explicit loops; they do not use the code under test nor torch's
+# losses). Inputs: numpy arrays or CPU tensors without grad, computed in float64. -----
+
+
+def np_softmax(z):
+    """softmax over the last axis: exp(z - max) / sum exp(z - max)."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_ce(z, y):
+    """Cross-entropy of logits z (B, C) with labels y (B,): (1/B) sum_b -log softmax(z_b)[y_b], by explicit loops."""
+    z, y = np.asarray(z, dtype=np.float64), np.asarray(y)
+    return sum(-math.log(np_softmax(z[b])[y[b]]) for b in range(z.shape[0])) / z.shape[0]
+
+
+def np_kd(student, teacher, T):
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)) = T^2 * (1/B) sum_b sum_c p_t log(p_t / p_s),
+    p = softmax(z / T): summed over classes, / B, x T^2, by explicit loops. The teacher's distribution is the target."""
+    student, teacher = np.asarray(student, dtype=np.float64), np.asarray(teacher, dtype=np.float64)
+    total = 0.0
+    for b in range(student.shape[0]):
+        p_t, p_s = np_softmax(teacher[b] / T), np_softmax(student[b] / T)
+        total += sum(p_t[c] * math.log(p_t[c] / p_s[c]) for c in range(student.shape[1]))
+    return T * T * total / student.shape[0]

@@ -7,25 +7,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import fake_run, tiny
+from helpers import fake_run, np_ce, np_kd, tiny
 import common
 import dml
 
 
-def softmax(z, T):
-    e = np.exp(z / T - (z / T).max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def dml_numpy(z, y, T):
-    """Independent reference: per network k, CE_k + mean over l != k of T^2 * sum_c p_l (log p_l - log p_k) / B."""
-    K, B, _ = z.shape
-    ces, kds = [], []
-    for k in range(K):
-        p = softmax(z[k], 1.0)
-        ces.append(-np.log(p[np.arange(B), y]).mean())
-        kds.append(np.mean([T * T * (softmax(z[l], T) * (np.log(softmax(z[l], T)) - np.log(softmax(z[k], T)))).sum() / B
-                            for l in range(K) if l != k]))
+    """Independent reference: per network k, CE_k + mean over l != k of T^2 * sum_c p_l (log p_l - log p_k) / B,
+    p = softmax(z / T), i.e. np_kd(z[k], z[l], T) with network l's distribution as the target."""
+    K = z.shape[0]
+    ces = [np_ce(z[k], y) for k in range(K)]
+    kds = [np.mean([np_kd(z[k], z[l], T) for l in range(K) if l != k]) for k in range(K)]
     return ces, kds
 
 

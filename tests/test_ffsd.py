@@ -9,28 +9,13 @@ import unittest
 import numpy as np
 import torch
 
-from helpers import ROOT, fake_run, tiny
+from helpers import ROOT, fake_run, np_ce, np_kd, tiny
 
 import common
 import ffsd
 
-# ----- independent numpy versions of FFSD's formulas (official code, CIFARTrainer.py; sum over classes, / B,
-# x T^2) -----
-
-
-def np_log_softmax(z):
-    z = z - z.max(-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(-1, keepdims=True))
-
-
-def np_ce(z, y):
-    return -np.mean(np_log_softmax(z)[np.arange(len(y)), y])
-
-
-def np_kd(student, teacher, T):
-    """T^2 * (1/B) sum_b sum_c p_t log(p_t / p_s), p = softmax(z / T)."""
-    ls, lt = np_log_softmax(student / T), np_log_softmax(teacher / T)
-    return T * T * (np.exp(lt) * (lt - ls)).sum(-1).mean()
+# ----- independent numpy versions of FFSD's formulas (official code, CIFARTrainer.py). CE and the KD term (sum over
+# classes, / B, x T^2) are helpers.np_ce / helpers.np_kd. -----
 
 
 def np_att(f):

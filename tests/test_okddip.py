@@ -9,34 +9,10 @@ import numpy as np
 import torch
 
 import helpers  # noqa: F401  (sys.path, one torch thread)
-from helpers import fake_run, run_script, tiny
+from helpers import assert_parts_disjoint, batch, fake_run, np_ce, np_kd, np_softmax, run_script, three_steps, tiny
 
 import common
 import okddip
-
-
-def np_softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def hand_ce(z, y):
-    """Cross-entropy of logits z (B, C) with labels y, mean over the batch, by explicit loops."""
-    return sum(-math.log(np_softmax(z[b])[y[b]]) for b in range(z.shape[0])) / z.shape[0]
-
-
-def hand_kd(student, teacher, T):
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)): sum over classes, / B, x T^2, by explicit loops."""
-    total = 0.0
-    for b in range(student.shape[0]):
-        p_t, p_s = np_softmax(teacher[b] / T), np_softmax(student[b] / T)
-        total += sum(p_t[c] * math.log(p_t[c] / p_s[c]) for c in range(student.shape[1]))
-    return T * T * total / student.shape[0]
-
-
-def batch(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % 10
 
 
 def model(m=3, arch="resnet8", classes=10, seed=0, exclude_self=False):
@@ -65,16 +41,16 @@ class TestLoss(unittest.TestCase):
             for b in range(2):
                 for c in range(3):
                     t[a, b] += A[b, a, c] * Z[c, b]
-        ce = [hand_ce(Z[a], Y) for a in range(3)]
-        kd = [hand_kd(Z[a], t[a], 3.0) for a in range(3)]
-        kd_leader = hand_kd(Z[3], (Z[0] + Z[1] + Z[2]) / 3, 3.0)
-        expected = sum(ce) + hand_ce(Z[3], Y) + w * (sum(kd) + kd_leader)  # sums over peers, one w for both levels
+        ce = [np_ce(Z[a], Y) for a in range(3)]
+        kd = [np_kd(Z[a], t[a], 3.0) for a in range(3)]
+        kd_leader = np_kd(Z[3], (Z[0] + Z[1] + Z[2]) / 3, 3.0)
+        expected = sum(ce) + np_ce(Z[3], Y) + w * (sum(kd) + kd_leader)  # sums over peers, one w for both levels
         # float32 inside the loss: ~1e-6, far below a T^2 (x9) or 'mean' vs 'batchmean' (x3) slip.
         self.assertAlmostEqual(loss.item(), expected, places=5)
         for a in range(3):
             self.assertAlmostEqual(logs[f"ce/peer{a + 1}"].item(), ce[a], places=5)
             self.assertAlmostEqual(logs[f"kd/peer{a + 1}"].item(), kd[a], places=5)
-        self.assertAlmostEqual(logs["ce/leader"].item(), hand_ce(Z[3], Y), places=5)
+        self.assertAlmostEqual(logs["ce/leader"].item(), np_ce(Z[3], Y), places=5)
         self.assertAlmostEqual(logs["kd/leader"].item(), kd_leader, places=5)
 
     def test_peer_targets_against_a_loop(self):
@@ -196,13 +172,7 @@ class TestModel(unittest.TestCase):
         net = model()
         self.assertEqual(len(net.net.branches), 4)  # 3 auxiliary peers + the leader
         groups = [net.net.trunk, net.query, net.key, *net.net.branches]
-        ids = [{id(mod) for mod in grp.modules()} for grp in groups]
-        pids = [{id(p) for p in grp.parameters()} for grp in groups]
-        for i in range(len(groups)):
-            for j in range(i + 1, len(groups)):
-                self.assertFalse(ids[i] & ids[j], f"module object shared between parts {i} and {j}")
-                self.assertFalse(pids[i] & pids[j], f"parameter shared between parts {i} and {j}")
-        self.assertEqual(common.num_params(net), sum(common.num_params(grp) for grp in groups))
+        assert_parts_disjoint(self, net, groups)
 
     def test_parameter_counts_resnet32(self):
         # 4 branches as in the official code: 1,554,272 on CIFAR-100 = trunk 112,592 + 4 x branch 360,164
@@ -255,13 +225,7 @@ class TestRun(unittest.TestCase):
             self.assertGreater(acc, 30.0, name)
 
     def _steps(self, seed):
-        args = tiny(okddip.Args, self, seed=seed)
-        run = fake_run(args, 32)
-        x, y = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std, run.data.train_y
-        net = model(seed=seed)
-        opt = okddip.build_optimizers(net, args)
-        logs = [okddip.train_step(net, opt, x[i:i + 16], y[i:i + 16], 0, i, run)["loss"].item() for i in (0, 16, 0)]
-        return logs, torch.cat([p.detach().flatten() for p in net.parameters()])
+        return three_steps(okddip, tiny(okddip.Args, self, seed=seed), lambda: model(seed=seed))
 
     def test_same_seed_same_numbers(self):
         (l0, p0), (l1, p1), (l2, _) = self._steps(0), self._steps(0), self._steps(1)

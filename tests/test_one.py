@@ -8,37 +8,10 @@ import numpy as np
 import torch
 
 import helpers  # noqa: F401  (sys.path, one torch thread)
-from helpers import fake_run, run_script, tiny
+from helpers import assert_parts_disjoint, batch, fake_run, np_ce, np_kd, np_softmax, run_script, three_steps, tiny
 
 import common
 import one
-
-
-def np_softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def hand_ce(z, y):
-    """Cross-entropy of logits z (B, C) with labels y, mean over the batch, by explicit loops."""
-    total = 0.0
-    for b in range(z.shape[0]):
-        total += -math.log(np_softmax(z[b])[y[b]])
-    return total / z.shape[0]
-
-
-def hand_kd(student, teacher, T):
-    """T^2 * KL(softmax(teacher/T) || softmax(student/T)): sum over classes, / B, x T^2, by explicit loops."""
-    total = 0.0
-    for b in range(student.shape[0]):
-        p_t, p_s = np_softmax(teacher[b] / T), np_softmax(student[b] / T)
-        total += sum(p_t[c] * math.log(p_t[c] / p_s[c]) for c in range(student.shape[1]))
-    return T * T * total / student.shape[0]
-
-
-def batch(n=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.arange(n) % 10
 
 
 def model(m=3, arch="resnet8", classes=10, seed=0):
@@ -59,16 +32,16 @@ class TestLoss(unittest.TestCase):
         args, w = one.Args(), 0.3
         self.assertEqual(args.temperature, 3.0)
         loss, logs = one.one_loss(torch.tensor(self.z), torch.tensor(self.z_e), torch.tensor(self.y), w, args)
-        ce = [hand_ce(self.z[i], self.y) for i in range(3)]
-        kd = [hand_kd(self.z[i], self.z_e, 3.0) for i in range(3)]
-        expected = sum(ce) + hand_ce(self.z_e, self.y) + w * sum(kd)
+        ce = [np_ce(self.z[i], self.y) for i in range(3)]
+        kd = [np_kd(self.z[i], self.z_e, 3.0) for i in range(3)]
+        expected = sum(ce) + np_ce(self.z_e, self.y) + w * sum(kd)
         # The loss runs in float32 (.float() before CE/KL): agreement to ~1e-6, far below a T^2 (x9) or a
         # 'mean' vs 'batchmean' (x4) slip.
         self.assertAlmostEqual(loss.item(), expected, places=5)
         for i in range(3):
             self.assertAlmostEqual(logs[f"ce/branch{i + 1}"].item(), ce[i], places=6)
             self.assertAlmostEqual(logs[f"kd/branch{i + 1}"].item(), kd[i], places=6)
-        self.assertAlmostEqual(logs["ce/one_e"].item(), hand_ce(self.z_e, self.y), places=6)
+        self.assertAlmostEqual(logs["ce/one_e"].item(), np_ce(self.z_e, self.y), places=6)
         self.assertAlmostEqual(logs["w"].item(), w, places=6)
 
     def test_teacher_target_sends_no_gradient_through_kl(self):
@@ -181,13 +154,7 @@ class TestModel(unittest.TestCase):
     def test_branches_own_their_modules_and_the_trunk_is_counted_once(self):
         net = model(m=3)
         groups = [net.net.trunk, net.gate, *net.net.branches]
-        ids = [{id(mod) for mod in grp.modules()} for grp in groups]
-        pids = [{id(p) for p in grp.parameters()} for grp in groups]
-        for i in range(len(groups)):
-            for j in range(i + 1, len(groups)):
-                self.assertFalse(ids[i] & ids[j], f"module object shared between parts {i} and {j}")
-                self.assertFalse(pids[i] & pids[j], f"parameter shared between parts {i} and {j}")
-        self.assertEqual(common.num_params(net), sum(common.num_params(grp) for grp in groups))
+        assert_parts_disjoint(self, net, groups)
         # Trunk = stem + stages 1-2 (shared exactly once); each branch = its own stage 3 + pool + Linear.
         self.assertEqual(len(net.net.trunk), 3)
         self.assertTrue(all(len(b.stages) == 1 for b in net.net.branches))
@@ -250,13 +217,7 @@ class TestRun(unittest.TestCase):
         self.assertAlmostEqual(final["models"]["branch_avg"], avg, places=9)
 
     def _steps(self, seed):
-        args = tiny(one.Args, self, seed=seed)
-        run = fake_run(args, 32)
-        x, y = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std, run.data.train_y
-        net = model(m=3, seed=seed)
-        opt = one.build_optimizers(net, args)
-        logs = [one.train_step(net, opt, x[i:i + 16], y[i:i + 16], 0, i, run)["loss"].item() for i in (0, 16, 0)]
-        return logs, torch.cat([p.detach().flatten() for p in net.parameters()])
+        return three_steps(one, tiny(one.Args, self, seed=seed), lambda: model(m=3, seed=seed))
 
     def test_same_seed_same_numbers(self):
         (l0, p0), (l1, p1), (l2, p2) = self._steps(0), self._steps(0), self._steps(1)

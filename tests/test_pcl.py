@@ -7,33 +7,13 @@ import os
 import unittest
 from unittest import mock
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import helpers
+from helpers import np_ce, np_kd
 import common
 import pcl
-
-
-def np_softmax(z):
-    e = np.exp(z - z.max())
-    return e / e.sum()
-
-
-def np_kd(student, teacher, T):
-    """T^2 * (1/B) sum_b sum_c p_t log(p_t / p_s), p = softmax(z / T), written as explicit loops."""
-    B, C = student.shape
-    total = 0.0
-    for b in range(B):
-        ps, pt = np_softmax(student[b] / T), np_softmax(teacher[b] / T)
-        for c in range(C):
-            total += pt[c] * (math.log(pt[c]) - math.log(ps[c]))
-    return T * T * total / B
-
-
-def np_ce(z, y):
-    return sum(-math.log(np_softmax(z[b])[y[b]]) for b in range(len(y))) / len(y)
 
 
 def tiny_model(seed=0, m=3):
@@ -45,6 +25,19 @@ def tiny_model(seed=0, m=3):
 def views_of(run, seed=0, m=3):
     gen = torch.Generator().manual_seed(seed)
     return next(iter(common.train_batches(run, gen, views=m)))
+
+
+def ready_to_step(**arg_changes):
+    """tiny_model() (args changed by arg_changes first) in train mode, its optimisers, a 32-image fake run and the
+    first batch of peer views: what a train_step test starts from. Returns (args, model, run, opts, x, y)."""
+    args, model = tiny_model()
+    for name, value in arg_changes.items():
+        setattr(args, name, value)
+    run = helpers.fake_run(args, 32)
+    opts = pcl.build_optimizers(model, args)
+    model.train()
+    x, y = views_of(run)
+    return args, model, run, opts, x, y
 
 
 class TestLoss(unittest.TestCase):
@@ -142,11 +135,7 @@ class TestMeanTeacher(unittest.TestCase):
             self.assertTrue(torch.equal(new, theta))
 
     def test_train_step_updates_mean_after_the_optimiser_step(self):
-        args, model = tiny_model()
-        run = helpers.fake_run(args, 32)
-        opts = pcl.build_optimizers(model, args)
-        model.train()
-        x, y = views_of(run)
+        args, model, run, opts, x, y = ready_to_step()
         with torch.no_grad():  # a mean model that is not the student, as after some training
             for p in model.mean.parameters():
                 p.add_(0.05 * torch.randn_like(p))
@@ -166,11 +155,7 @@ class TestMeanTeacher(unittest.TestCase):
                 self.assertFalse(torch.equal(b, b_student), name)
 
     def test_mean_teacher_gets_no_gradient_and_is_not_optimised(self):
-        args, model = tiny_model()
-        run = helpers.fake_run(args, 32)
-        opts = pcl.build_optimizers(model, args)
-        model.train()
-        x, y = views_of(run)
+        args, model, run, opts, x, y = ready_to_step()
         pcl.train_step(model, opts, x, y, epoch=100, step=0, run=run)
         in_opt = {id(p) for g in opts["sgd"].param_groups for p in g["params"]}
         self.assertEqual(in_opt, {id(p) for p in model.student.parameters()})
@@ -181,12 +166,7 @@ class TestMeanTeacher(unittest.TestCase):
         self.assertEqual(common.num_params(model), common.num_params(model.student))
 
     def test_ema_per_epoch_updates_once_at_epoch_end(self):
-        args, model = tiny_model()
-        args.ema_per_epoch = True
-        run = helpers.fake_run(args, 32)  # batch 16 -> 2 steps per epoch
-        opts = pcl.build_optimizers(model, args)
-        model.train()
-        x, y = views_of(run)
+        args, model, run, opts, x, y = ready_to_step(ema_per_epoch=True)  # batch 16 -> 2 steps per epoch
         old = [p.clone() for p in model.mean.parameters()]
         pcl.train_step(model, opts, x, y, epoch=3, step=6, run=run)  # first step of epoch 3: no update
         self.assertTrue(all(torch.equal(a, b) for a, b in zip(model.mean.parameters(), old)))
@@ -251,11 +231,7 @@ class TestViews(unittest.TestCase):
                 self.assertFalse(torch.equal(x[a], x[b]))
 
     def test_peer_j_and_mean_peer_k_see_their_own_view(self):
-        args, model = tiny_model()
-        run = helpers.fake_run(args, 32)
-        opts = pcl.build_optimizers(model, args)
-        model.train()
-        x, y = views_of(run)
+        args, model, run, opts, x, y = ready_to_step()
         before = copy.deepcopy(model)
         seen = {}
 
