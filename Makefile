@@ -14,7 +14,7 @@ test: ## run the CPU test suite (tiny synthetic data, a few minutes on 2 cores)
 
 smoke: ## one tiny CPU epoch of every script on the synthetic set
 	@for m in baseline $(METHODS); do [ -f $$m.py ] || continue; rm -rf runs/smoke-$$m; \
-	  $(PY) $$m.py --arch resnet8 --dataset fake --epochs 1 --subset 256 --test-subset 200 --device cpu \
+	  $(PY) $$m.py --arch resnet8 --dataset fake --epochs 1 --subset 256 --test-subset 200 --batch-size 32 --device cpu \
 	    --out runs/smoke-$$m 2>&1 | tail -n 1 || exit 1; rm -rf runs/smoke-$$m; done
 
 diff: ## changed lines of each method file against baseline.py
