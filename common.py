@@ -908,7 +908,9 @@ def _device_name(device):
 
 def _load_checkpoint(run, path, model, optimizers, gen):
     try:
-        ck = torch.load(path, map_location=run.device, weights_only=False)
+        # On the CPU: RNG states must be CPU byte tensors; load_state_dict copies weights and optimiser state
+        # onto the model's device.
+        ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         fail(f"--resume: cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupt or not a checkpoint")
     old = ck.get("meta") if isinstance(ck, dict) else None
@@ -926,8 +928,8 @@ def _load_checkpoint(run, path, model, optimizers, gen):
                    and k not in ("resume", "stop_after", "out", "log_every")]
         fail(f"--resume: the weights in {path!r} do not fit this model ({type(e).__name__}); "
              f"changed since that run: {', '.join(changed) or 'nothing recorded'}")
-    gen.set_state(ck["gen"].cpu() if run.device.type == "cpu" else ck["gen"])
-    torch.set_rng_state(ck["torch_rng"].cpu())
+    gen.set_state(ck["gen"])
+    torch.set_rng_state(ck["torch_rng"])
     if ck["cuda_rng"] is not None and run.device.type == "cuda":
         torch.cuda.set_rng_state_all(ck["cuda_rng"])
     if "python_rng" in ck:  # checkpoints written before these two were saved lack them
