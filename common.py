@@ -187,7 +187,7 @@ class Bottleneck(nn.Module):
         return F.relu(self.body(x) + self.shortcut(x))
 
 
-def _init(net):
+def init_weights(net):
     """Reference-code init: conv ~ N(0, sqrt(2 / (k*k*C_out))) (Kaiming normal, fan-out), BN gamma=1, beta=0,
     Linear left at PyTorch's default."""
     for m in net.modules():
@@ -209,7 +209,7 @@ def cifar_resnet(block, blocks_per_stage, num_classes, planes=(16, 32, 64), stem
             cin = p * block.expansion
         stages.append(nn.Sequential(*layers))
     widths = [p * block.expansion for p in planes]
-    return _init(Net(nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)),
+    return init_weights(Net(nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)),
                      stages, _avg_pool(), nn.Linear(widths[-1], num_classes),
                      widths, split=len(stages) - 1))
 
@@ -292,7 +292,7 @@ def wide_resnet(depth, k, num_classes):
         stages.append(nn.Sequential(*(PreActBlock(cin if b == 0 else w, w, 2 if i > 0 and b == 0 else 1) for b in range(n))))
         cin = w
     stages[-1].extend([nn.BatchNorm2d(cin), nn.ReLU(inplace=True)])
-    return _init(Net(nn.Conv2d(3, 16, 3, 1, 1, bias=True), stages, _avg_pool(), nn.Linear(cin, num_classes),
+    return init_weights(Net(nn.Conv2d(3, 16, 3, 1, 1, bias=True), stages, _avg_pool(), nn.Linear(cin, num_classes),
                      [16 * k, 32 * k, 64 * k], split=2))
 
 
@@ -323,7 +323,7 @@ def vgg16(num_classes, dropout=0.5):
     stages = [nn.Sequential(nn.MaxPool2d(2), *convs(cin, cout, 3)) for cin, cout in ((128, 256), (256, 512), (512, 512))]
     head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(512, num_classes))
-    net = _init(Net(stem, stages, nn.Sequential(nn.MaxPool2d(2), nn.Flatten()), head, [256, 512, 512], split=2,
+    net = init_weights(Net(stem, stages, nn.Sequential(nn.MaxPool2d(2), nn.Flatten()), head, [256, 512, 512], split=2,
                     feature_dim=512))
     for m in net.modules():
         if isinstance(m, nn.Linear):
@@ -365,7 +365,7 @@ def densenet(depth, k, num_classes, bc):
     parts[-1] += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
     groups = [[0, 1], [2, 3], [4]] if bc else [[0], [1, 2], [3, 4]]  # which parts make each stage
     stages = [nn.Sequential(*(m for p in g for m in parts[p])) for g in groups]
-    return _init(Net(stem, stages, _avg_pool(), nn.Linear(c, num_classes), [outs[g[-1]] for g in groups], split=2))
+    return init_weights(Net(stem, stages, _avg_pool(), nn.Linear(c, num_classes), [outs[g[-1]] for g in groups], split=2))
 
 
 def densenet40_12(num_classes):
@@ -415,7 +415,7 @@ def googlenet(num_classes):
             layers.append(Inception(cin, *spec))
             cin = layers[-1].out_channels
         stages.append(nn.Sequential(*layers))
-    return _init(Net(_conv_bn_relu(3, 192, 3, bias=True), stages, _avg_pool(), nn.Linear(cin, num_classes),
+    return init_weights(Net(_conv_bn_relu(3, 192, 3, bias=True), stages, _avg_pool(), nn.Linear(cin, num_classes),
                      [s[-1].out_channels for s in stages], split=2))
 
 
@@ -681,6 +681,11 @@ class Run:
     def num_classes(self):
         return len(self.data.classes)
 
+    @property
+    def steps_per_epoch(self):
+        """Batches per epoch as train_batches yields them (a last batch of 1 image is dropped)."""
+        return len(range(0, len(self.data.train_y) - 1, self.args.batch_size))
+
     def layout(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
@@ -798,15 +803,16 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
           f"{run.num_classes} classes) | {run.device.type}{' bf16' if run.amp else ''} | seed {args.seed} | "
           f"{args.epochs} epochs | out {run.out}", flush=True)
     print("config " + json.dumps(dataclasses.asdict(args)), flush=True)
-    steps_per_epoch = len(range(0, n_train - 1, args.batch_size))
+    steps_per_epoch = run.steps_per_epoch
     header_done, train_time, images = False, sum(h["sec"] for h in history), sum(h["images"] for h in history)
     saved = start  # the epoch the checkpoint on disk holds (0: none yet)
     try:
         for epoch in range(start, args.epochs):
             if args.stop_after and epoch - start == args.stop_after:
+                again = resume_command(run)
                 print(f"stopped after epoch {epoch} of {args.epochs} (--stop-after {args.stop_after}); "
-                      f"continue with: {resume_command(run)}", flush=True)
-                return {"stopped_after_epoch": epoch, "out": run.out, "resume_command": resume_command(run)}
+                      f"continue with: {again}", flush=True)
+                return {"stopped_after_epoch": epoch, "out": run.out, "resume_command": again}
             for opt in optimizers.values():
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * lr_factor(epoch, args)

@@ -109,14 +109,6 @@ def shifted_map(fmap_prev):
     return fmap_prev.float() + ((t - y_hat) * n / C).view(B, 1, H, W)
 
 
-def _conv_init(module):
-    # Official code: conv weights ~ N(0, sqrt(2 / (k*k*C_out))), BN gamma = 1, beta = 0, Linear default.
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    return module
-
-
 class Fusion(nn.Module):
     """Fusion module (Sec. III-B, Fig. 3): concat of M maps (B, M*C, H, W) -> depthwise 3x3 + BN + ReLU ->
     1x1 (M*C -> C) + BN + ReLU = fused map F_f (B, C, H, W) -> global average pool -> Linear = z_f."""
@@ -127,7 +119,7 @@ class Fusion(nn.Module):
             nn.Conv2d(M * C, M * C, 3, 1, 1, groups=M * C, bias=False), nn.BatchNorm2d(M * C), nn.ReLU(inplace=True),
             nn.Conv2d(M * C, C, 1, bias=False), nn.BatchNorm2d(C), nn.ReLU(inplace=True))
         self.pool, self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(C, num_classes)
-        _conv_init(self)
+        common.init_weights(self)  # the official code's init, as the backbones
 
     def forward(self, concat):
         fused = self.encoder(concat)  # (B, C, H, W)
@@ -137,7 +129,7 @@ class Fusion(nn.Module):
 def decoder(C, M):
     """The leader's decoder R (Eq. 5, "aligns the channel dimension"): F_ld^L (B, C, H, W) -> depthwise 3x3 +
     BN + ReLU -> 1x1 (C -> M*C) + BN + ReLU -> (B, M*C, H, W). Trained with the leader, unused at test time."""
-    return _conv_init(nn.Sequential(
+    return common.init_weights(nn.Sequential(
         nn.Conv2d(C, C, 3, 1, 1, groups=C, bias=False), nn.BatchNorm2d(C), nn.ReLU(inplace=True),
         nn.Conv2d(C, M * C, 1, bias=False), nn.BatchNorm2d(M * C), nn.ReLU(inplace=True)))
 

@@ -161,7 +161,7 @@ def train_step(model, optimizers, x, y, epoch, step, run):
     # ALGO: temporal mean after every optimiser step, g = the 0-based global step (so --resume stays exact).
     if not args.ema_per_epoch:
         ema_update(model.mean, model.student, ema_decay(step, args.ema_decay))
-    elif (step + 1) % len(range(0, len(run.data.train_y) - 1, args.batch_size)) == 0:
+    elif (step + 1) % run.steps_per_epoch == 0:
         # NOTE(deviation): the presentation's "g = epoch" reading: one update at each epoch end, g = epoch.
         ema_update(model.mean, model.student, ema_decay(epoch, args.ema_decay))
     return logs
