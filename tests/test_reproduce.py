@@ -36,7 +36,7 @@ class TestGrid(unittest.TestCase):
         cls.calls = []
         real = reproduce.launch
 
-        def counting(argv, log_path, quiet):
+        def counting(argv, log_path, quiet, *rest):
             cls.calls.append(argv)
             return real(argv, log_path, quiet)
         with mock.patch.object(reproduce, "launch", counting):
@@ -95,7 +95,7 @@ class TestGrid(unittest.TestCase):
             json.dump(config, f)
         first_row = read_rows(dst)[0]
         calls, real = [], reproduce.launch
-        with mock.patch.object(reproduce, "launch", lambda a, l, q: calls.append(a) or real(a, l, q)):
+        with mock.patch.object(reproduce, "launch", lambda a, l, q, *rest: calls.append(a) or real(a, l, q, *rest)):
             grid(results, runs, "--methods", "dml", "--epochs", "2")
         self.assertEqual(len(calls), 1)
         self.assertEqual(calls[0][-1], "--resume")
@@ -115,7 +115,13 @@ class TestGrid(unittest.TestCase):
         with mock.patch.object(reproduce, "launch", side_effect=AssertionError("a run was started")):
             grid(results, runs)
         self.assertEqual(sorted(os.listdir(os.path.join(results, "tiny"))),
-                         ["baseline-resnet8-fake-seed0.json", "dml-resnet8-fake-seed0.json"])
+                         ["baseline-resnet8-fake-seed0.json", "baseline-resnet8-fake-seed0.metrics.jsonl",
+                          "dml-resnet8-fake-seed0.json", "dml-resnet8-fake-seed0.metrics.jsonl"])
+        # the kept per-epoch log is the run's own, one row per epoch
+        with open(os.path.join(results, "tiny", "dml-resnet8-fake-seed0.metrics.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        self.assertEqual([row["epoch"] for row in rows], list(range(1, len(rows) + 1)))
+        self.assertIn("kd/peer1", rows[0])
 
     def test_run_folder_from_other_settings_is_refused(self):
         runs = tmpdir(self)

@@ -26,9 +26,12 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_METHODS = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]  # table order
@@ -55,6 +58,17 @@ GRIDS = {
     "table1": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10", seeds=[0, 1, 2], epochs=300, flags=[]),
     "table1-jpeg": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10-jpeg", seeds=[0, 1, 2], epochs=300,
                         flags=[]),
+    # The first course lab: real CIFAR-10 images on a laptop CPU (about an hour for 18 runs on 2 cores, two
+    # runs at a time). 512 training images per class (80 full batches of 64 per epoch), 2,000 test images,
+    # 15 epochs = 1,200 steps: the 300-epoch recipe shrunk 20x, and every length counted in epochs or steps
+    # with it: LR steps at the same fractions, ramp-up 80 -> 4 epochs, FFSD's warm-up 5 -> 1 epoch, and PCL's
+    # temporal-mean horizon 1 / (1 - beta) = 1,000 steps (0.85 % of 117,300 steps) -> 10 steps (beta 0.9).
+    "lab": dict(methods=ALL_METHODS, archs=["resnet8"], data="cifar10-jpeg", seeds=[0, 1, 2], epochs=15,
+                flags=["--subset", "5120", "--test-subset", "2000", "--batch-size", "64", "--device", "cpu"],
+                method_flags={"one": ["--rampup-epochs", "4"], "okddip": ["--rampup-epochs", "4"],
+                              "pcl": ["--rampup-epochs", "4", "--ema-decay", "0.9"],
+                              "ffsd": ["--warmup-epochs", "1"]},
+                data_choices=["cifar10-jpeg", "cifar10"]),
 }
 
 # Published CIFAR-10 ResNet-32 top-1 accuracy (%) = 100 - error of PCL (Wu & Gong, AAAI 2021) Table 1,
@@ -93,10 +107,15 @@ def plan(grid, opts):
         fail(f"grid {grid!r} needs {', '.join(m + '.py' for m in missing)}, not in this checkout; "
              f"run a part with --methods {','.join(m for m in methods if m in present) or 'baseline'}")
     seeds = [int(s) for s in opts.seeds.split(",")] if opts.seeds else g["seeds"]
-    data = DATA[g["data"]]
+    data_name = g["data"]
+    if getattr(opts, "data", ""):
+        if opts.data not in g.get("data_choices", [g["data"]]):
+            fail(f"grid {grid!r} reads --data {' or '.join(g.get('data_choices', [g['data']]))}, not {opts.data!r}")
+        data_name = opts.data
+    data = DATA[data_name]
     # flag -> value, in command order; an override replaces the grid's value rather than repeating the flag
     flags = dict(zip(data["flags"][0::2], data["flags"][1::2]))
-    if data["folder"] or g["data"] == "cifar10":
+    if data["folder"] or data_name == "cifar10":
         flags["--data-dir"] = _rel(opts.data_dir or os.path.join(ROOT, "data", "cifar10-jpeg" if data["folder"] else ""))
     flags["--epochs"] = str(opts.epochs or g["epochs"])
     flags.update(zip(g["flags"][0::2], g["flags"][1::2]))
@@ -107,13 +126,14 @@ def plan(grid, opts):
     flags = [x for kv in flags.items() for x in kv]
     epochs = int(flags[flags.index("--epochs") + 1])
     runs = []
-    for arch in g["archs"]:
-        for method in methods:
-            for seed in seeds:
-                name = f"{method}-{arch}-{g['data']}-seed{seed}"
+    for seed in seeds:  # seed-major: a grid stopped early has every method at the first seeds
+        for arch in g["archs"]:
+            for method in methods:
+                name = f"{method}-{arch}-{data_name}-seed{seed}"
                 out = os.path.join(opts.runs, grid, name)
-                argv = [f"{method}.py", "--arch", arch, *flags, "--seed", str(seed), "--out", _rel(out)]
-                runs.append(dict(name=name, grid=grid, method=method, arch=arch, data=g["data"], seed=seed,
+                argv = [f"{method}.py", "--arch", arch, *flags, *g.get("method_flags", {}).get(method, []),
+                        "--seed", str(seed), "--out", _rel(out)]
+                runs.append(dict(name=name, grid=grid, method=method, arch=arch, data=data_name, seed=seed,
                                  epochs=epochs, argv=argv, out=out,
                                  result=os.path.join(opts.results, grid, name + ".json")))
     return runs
@@ -161,12 +181,19 @@ def code_version():
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-def launch(argv, log_path, quiet):
+def launch(argv, log_path, quiet, threads=0, deadline=None):
     """Run `python <argv>` in the repository root; its output goes to log_path (appended) and, unless
-    quiet, to the console. Returns the exit status."""
+    quiet, to the console. `threads` > 0 pins the child's torch to that many threads; at `deadline` (a
+    time.time() value) the child gets Ctrl-C (SIGINT): it keeps its last epoch's checkpoint and exits 130.
+    Returns the exit status."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     with open(log_path, "a") as log:
         p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, bufsize=1)
+                             text=True, bufsize=1, env=env)
+        if deadline is not None:
+            timer = threading.Timer(max(0.0, deadline - time.time()), p.send_signal, (signal.SIGINT,))
+            timer.daemon = True
+            timer.start()
         try:
             for line in p.stdout:
                 log.write(line)
@@ -175,6 +202,9 @@ def launch(argv, log_path, quiet):
         except KeyboardInterrupt:  # Ctrl-C reached the child too: let it stop, then stop the grid
             p.wait()
             raise
+        finally:
+            if deadline is not None:
+                timer.cancel()
         return p.wait()
 
 
@@ -187,9 +217,17 @@ def _write_json(path, obj):
 
 
 def record(r):
-    """Write results/<grid>/<run>.json from the run folder's final.json and invocation log."""
+    """Write results/<grid>/<run>.json from the run folder's final.json and invocation log, and keep the
+    run's per-epoch log (every loss term, lr, accuracies, time) beside it as <run>.metrics.jsonl."""
     with open(os.path.join(r["out"], "final.json")) as f:
         final = json.load(f)
+    with open(os.path.join(r["out"], "metrics.jsonl")) as f:
+        curve = f.read()
+    os.makedirs(os.path.dirname(r["result"]), exist_ok=True)
+    tmp = r["result"][:-len(".json")] + ".metrics.jsonl.tmp"
+    with open(tmp, "w") as f:
+        f.write(curve)
+    os.replace(tmp, tmp[:-len(".tmp")])
     sessions = _read_sessions(r)
     _write_json(r["result"], {
         "grid": r["grid"], "name": r["name"], "method": r["method"], "arch": r["arch"], "data": r["data"],
@@ -217,11 +255,19 @@ def run_grid(grid, opts):
     todo = [r for r in runs if state(r) != "done"]
     print(f"grid {grid}: {len(runs)} runs, {len(runs) - len(todo)} already recorded in {_rel(opts.results)}/{grid}/",
           flush=True)
-    if DATA[GRIDS[grid]["data"]]["folder"] and todo:
+    if DATA[runs[0]["data"]]["folder"] and todo:
         check_data_folder(os.path.join(ROOT, runs[0]["argv"][runs[0]["argv"].index("--data-dir") + 1]))
-    for i, r in enumerate(todo):
+    jobs = max(1, opts.jobs)
+    # several runs at once share the cores: each child gets its share of torch threads (CPU), or of the GPU
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+    deadline = time.time() + opts.time_budget if opts.time_budget else None
+
+    def one(i, r):
+        """Start or continue run r, record it; returns 'recorded', 'stopped' (Ctrl-C or time budget) or fails."""
         st = state(r)
         if st != "finished":
+            if deadline is not None and time.time() >= deadline:
+                return "skipped"
             check_same_config(r)
             argv = r["argv"] + (["--resume"] if st == "resume" else [])
             print(f"[{i + 1}/{len(todo)}] {'continue' if st == 'resume' else 'start'}: python {shlex.join(argv)}",
@@ -232,17 +278,28 @@ def run_grid(grid, opts):
                              "started": datetime.datetime.now().isoformat(timespec="seconds"), "wall_s": None})
             t0 = time.time()
             try:
-                rc = launch(argv, os.path.join(r["out"], "stdout.log"), opts.quiet)
+                rc = launch(argv, os.path.join(r["out"], "stdout.log"), opts.quiet or jobs > 1, threads, deadline)
             except KeyboardInterrupt:
-                rc = None
+                rc = 130
             sessions[-1]["wall_s"] = round(time.time() - t0, 1)
             _write_json(os.path.join(r["out"], "reproduce-sessions.json"), sessions)
-            if rc is None:
-                raise SystemExit(f"stopped; run the same command again to continue {r['name']} from its checkpoint")
+            if rc == 130 or (rc != 0 and deadline is not None and time.time() >= deadline):
+                return "stopped"
             if rc != 0:
                 fail(f"{r['name']} exited with status {rc}; its output is in {_rel(os.path.join(r['out'], 'stdout.log'))}")
         record(r)
         print(f"  recorded {_rel(r['result'])}", flush=True)
+        return "recorded"
+
+    try:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            outcome = list(pool.map(one, range(len(todo)), todo))
+    except KeyboardInterrupt:
+        outcome = ["stopped"]
+    if "stopped" in outcome or "skipped" in outcome:
+        why = "time budget reached" if deadline is not None and time.time() >= deadline else "stopped"
+        print(f"{why}: {outcome.count('recorded')} run(s) recorded this time; run the same command again to "
+              f"continue the rest from their checkpoints", flush=True)
     return runs
 
 
@@ -401,6 +458,10 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=0, help="override the grid's epochs (0 = the grid's)")
     p.add_argument("--subset", type=int, default=0, help="override the training subset (0 = the grid's)")
     p.add_argument("--quiet", action="store_true", help="send the runs' progress rows only to their stdout.log")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each gets cores / jobs torch threads; quiet)")
+    p.add_argument("--time-budget", type=float, default=0, help="seconds: then stop every run at its last "
+                   "checkpoint (Ctrl-C) and start no new one; run again to continue (0 = no limit)")
+    p.add_argument("--data", default="", help="data of a grid that offers a choice (lab: cifar10-jpeg or cifar10)")
     p.add_argument("--readme", default=os.path.join(ROOT, "README.md"), help="README to update (report)")
     p.add_argument("--results-md", default=os.path.join(ROOT, "RESULTS.md"), help="standalone table (report)")
     opts = p.parse_args(argv)
