@@ -146,7 +146,7 @@ def fake_result(grid, data, method, seed, last, best, arch="resnet32", epochs=30
             "command": f"python {method}.py --seed {seed}", "device": "NVIDIA H100", "date": "2025-01-0%d" % (seed + 1),
             "code": {"commit": "0123456789abcdef", "dirty": False}, "wall_time_s": 1.0, "train_time_s": 1.0,
             "deployed": deployed, "test_acc": last, "best_test_acc": best, "best_epoch": 30,
-            "models": {deployed: last}}
+            "models": {deployed: last, **({"peer2": last - 1.0, "ensemble": last + 1.0} if method == "dml" else {})}}
 
 
 class TestReport(unittest.TestCase):
@@ -187,15 +187,17 @@ class TestReport(unittest.TestCase):
         line = lambda grid, method: next(l for l in text.splitlines() if l.startswith(f"| {method} |")
                                          and l in section(text, grid))
         self.assertEqual(line("short", "baseline"),
-                         "| baseline | resnet32 | 3 | net | 94.00 ± 1.00 | 94.50 ± 1.00 | — | 93.26 ± 0.15 | — | "
+                         "| baseline | resnet32 | 3 | net | 94.00 ± 1.00 | 94.50 ± 1.00 | — | — | 93.26 ± 0.15 | — | "
                          + reproduce.PAPER_SOURCE + " |")
         self.assertEqual(line("short", "dml"),
-                         "| dml | resnet32 | 3 | peer1 | 95.50 ± 1.00 | 96.50 ± 1.00 | +1.50 | 93.94 ± 0.07 | +0.68 | "
+                         "| dml | resnet32 | 3 | peer1 | 95.50 ± 1.00 | 96.50 ± 1.00 | +1.50 | "
+                         "peer2 94.50 ± 1.00, ensemble 96.50 ± 1.00 | 93.94 ± 0.07 | +0.68 | "
                          + reproduce.PAPER_SOURCE + " |")
         self.assertIn("FFSD publishes CIFAR-100 only", line("short", "ffsd"))
-        self.assertIn("| +1.00 | — | — |", line("short", "ffsd"))
+        self.assertIn("| +1.00 | — | — | — |", line("short", "ffsd"))
         self.assertIn("JPEG", section(text, "short"))
-        self.assertEqual(line("tiny", "dml"), "| dml | resnet32 | 1 | peer1 | 46.00 | 47.00 | +6.00 |")
+        self.assertEqual(line("tiny", "dml"),
+                         "| dml | resnet32 | 1 | peer1 | 46.00 | 47.00 | +6.00 | peer2 45.00, ensemble 47.00 |")
 
     def test_synthetic_results_stay_out_of_the_paper_comparison(self):
         rows, text = self.rows(), self.report()
