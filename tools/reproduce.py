@@ -180,13 +180,14 @@ def check_same_config(r):
 
 
 def code_version():
-    """Git commit of the code and whether tracked or untracked files differ from it (results/ and the
-    rendered tables excluded: the grid writes those itself). None where this is not a git checkout."""
+    """Git commit of the code and whether the code a run executes (common.py and the method scripts)
+    differs from it; edits elsewhere (docs, tools, results/) do not mark a run dirty. None where this is
+    not a git checkout."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                                 check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":(exclude)results",
-                                 ":(exclude)RESULTS.md", ":(exclude)README.md"],
+        status = subprocess.run(["git", "status", "--porcelain", "--", "common.py",
+                                 *(f"{m}.py" for m in ALL_METHODS)],
                                 cwd=ROOT, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "dirty": None}
