@@ -42,13 +42,16 @@ def build_optimizers(model, args):
 # ===== 4. Loss =====
 def baseline_loss(logits, y, args):
     """logits: (B, C). Returns (loss, logs)."""
+    # ===== BEGIN ALGO: loss =====
     # ALGO: L = CE(z, y), mean over the batch.
     ce = F.cross_entropy(logits.float(), y)
     return ce, {"loss": ce.detach(), "ce": ce.detach()}
+    # ===== END ALGO =====
 
 
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
+    # ===== BEGIN ALGO: train step =====
     with run.autocast():
         logits = model(x)  # (B, C)
         loss, logs = baseline_loss(logits, y, run.args)
@@ -56,12 +59,15 @@ def train_step(model, optimizers, x, y, epoch, step, run):
     loss.backward()
     optimizers["sgd"].step()
     return logs
+    # ===== END ALGO =====
 
 
 # ===== 6. Evaluate =====
 def evaluate(model, x):
+    # ===== BEGIN ALGO: evaluate =====
     # The one network is the deployed model.
     return {"net": model(x)}
+    # ===== END ALGO =====
 
 
 # ===== 7. Main =====
