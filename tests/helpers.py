@@ -106,8 +106,8 @@ def np_kd(student, teacher, T):
     return T * T * total / student.shape[0]
 
 
-# ----- FFSD (official code, CIFARTrainer.py): numpy attention, distance and diversity target, and a hand-made
-# FFSD.forward output dict. -----
+# ----- FFSD (official code, CIFARTrainer.py): numpy attention, distance and diversity target,
+# and a hand-made FFSD.forward output dict. -----
 
 
 def np_att(f):

@@ -1,5 +1,5 @@
-"""Grading tests for baseline.py (`make grade METHOD=baseline FILE=...`), the warm-up exercise: the loss on
-hand-made logits, one train_step, evaluate's names.
+"""Grading tests for baseline.py (`make grade METHOD=baseline FILE=...`), the warm-up exercise: the
+loss on hand-made logits, one train_step, evaluate's names.
 """
 import os
 import sys
@@ -7,7 +7,7 @@ import unittest
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
 from helpers import fake_run, np_ce  # noqa: E402
 import baseline  # noqa: E402  (the grader puts the student's file here)
 
@@ -29,7 +29,7 @@ class TestBaseline(unittest.TestCase):
         torch.manual_seed(0)
         net = baseline.build_model(args, 10)
         before = [p.detach().clone() for p in net.parameters()]
-        expected = baseline.baseline_loss(net(x), y, args)[0].item()  # BN batch statistics: same output
+        expected = baseline.baseline_loss(net(x), y, args)[0].item()  # train mode: batch statistics
         logs = baseline.train_step(net, baseline.build_optimizers(net, args), x, y, 0, 0, run)
         self.assertAlmostEqual(logs["loss"].item(), expected, places=5)
         self.assertTrue(all(not torch.equal(p, q) for p, q in zip(net.parameters(), before)))

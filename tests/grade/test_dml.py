@@ -1,5 +1,6 @@
-"""Grading tests for dml.py (`make grade METHOD=dml FILE=...`): only the public functions and their outputs
-(dml_loss on hand-made logits, build_model's K networks, train_step's effect on the weights, evaluate's names).
+"""Grading tests for dml.py (`make grade METHOD=dml FILE=...`): only the public functions and their
+outputs (dml_loss on hand-made logits, build_model's K networks, train_step's effect on the weights,
+evaluate's names).
 """
 import os
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
 from helpers import fake_run, np_ce, np_kd  # noqa: E402
 import common  # noqa: E402
 import dml  # noqa: E402  (the grader puts the student's file here)
@@ -22,7 +23,7 @@ Y = torch.tensor([1, 2, 3])
 
 
 def by_hand(z, T):
-    """Per network k: CE_k and KD_k = mean over l != k of T^2 KL(p_l || p_k) (numpy, explicit loops)."""
+    """Per network k: CE_k and KD_k = mean over l != k of T^2 KL(p_l || p_k) (numpy, loops)."""
     K = len(z)
     return ([np_ce(z[k], Y) for k in range(K)],
             [np.mean([np_kd(z[k], z[l], T) for l in range(K) if l != k]) for k in range(K)])
@@ -35,28 +36,29 @@ class TestLoss(unittest.TestCase):
             _, logs = dml.dml_loss(Z[:K], Y, dml.Args(temperature=1.0))
             ces, kds = by_hand(Z[:K].numpy(), 1.0)
             for k in range(K):
-                self.assertAlmostEqual(logs[f"ce/peer{k + 1}"].item(), ces[k], places=5, msg=f"ce/peer{k + 1}")
-                self.assertAlmostEqual(logs[f"kd/peer{k + 1}"].item(), kds[k], places=5,
-                                       msg=f"kd/peer{k + 1}, K = {K}: mean over the K-1 peers of KL(p_l || p_k)")
+                ce, kd = logs[f"ce/peer{k + 1}"].item(), logs[f"kd/peer{k + 1}"].item()
+                self.assertAlmostEqual(ce, ces[k], places=5, msg=f"ce/peer{k + 1}")
+                self.assertAlmostEqual(kd, kds[k], places=5,
+                                       msg=f"kd/peer{k + 1}, K = {K}")
 
     def test_kd_scaled_by_T_squared(self):
         """At T = 3 the KD term is T^2 = 9 times the KL of the softened distributions."""
         _, logs = dml.dml_loss(Z[:2], Y, dml.Args(temperature=3.0))
         _, kds = by_hand(Z[:2].numpy(), 3.0)
-        self.assertAlmostEqual(logs["kd/peer1"].item(), kds[0], places=5, msg="kd/peer1 at T = 3 (x T^2?)")
+        self.assertAlmostEqual(logs["kd/peer1"].item(), kds[0], places=5, msg="kd/peer1 at T = 3")
 
     def test_total_is_sum_over_networks(self):
         """L = sum_k (CE_k + KD_k): a sum over the networks, not a mean."""
-        loss, _ = dml.dml_loss(Z, Y, dml.Args(temperature=2.0))
-        ces, kds = by_hand(Z.numpy(), 2.0)
-        self.assertAlmostEqual(loss.item(), sum(ces) + sum(kds), places=4, msg="L = sum_k (CE_k + KD_k)")
+        loss, _ = dml.dml_loss(Z, Y, dml.Args(temperature=1.0))
+        ces, kds = by_hand(Z.numpy(), 1.0)
+        self.assertAlmostEqual(loss.item(), sum(ces) + sum(kds), places=4, msg="L = sum_k L_k")
 
     def test_peer_targets_are_detached(self):
         """d L / d z_1 is the gradient of network 1's own L_1 = CE_1 + KD(sg z_2 -> z_1) only."""
         z = Z[:2].clone().requires_grad_(True)
-        dml.dml_loss(z, Y, dml.Args(temperature=2.0))[0].backward()
+        dml.dml_loss(z, Y, dml.Args(temperature=1.0))[0].backward()
         z1 = Z[0].clone().requires_grad_(True)
-        (F.cross_entropy(z1, Y) + common.kd_loss(z1, Z[1], 2.0)).backward()
+        (F.cross_entropy(z1, Y) + common.kd_loss(z1, Z[1], 1.0)).backward()
         torch.testing.assert_close(z.grad[0], z1.grad, atol=1e-6, rtol=0,
                                    msg="network 1 also received gradient as network 2's target")
 
@@ -79,7 +81,7 @@ def manual_step(net, own, peer, y, args):
 
 class TestTrainStep(unittest.TestCase):
     def test_joint_step_equals_per_network_steps(self):
-        """--update joint: one step of all networks == each network stepped on its own L_k (same peers)."""
+        """--update joint: one step of all == each network stepped on its own L_k (same peers)."""
         args, run, model, x, y = step_setup("joint")
         ref = dml.build_model(args, 10)
         ref.load_state_dict(model.state_dict())
@@ -88,10 +90,10 @@ class TestTrainStep(unittest.TestCase):
         for k in range(2):
             manual_step(ref[k], z[k], z[1 - k], y, args)
         for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"{name} differs from the per-network step")
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=f"{name} after the step")
 
     def test_sequential_step_uses_updated_peers(self):
-        """--update sequential (Algorithm 1): network 2 learns from network 1's logits AFTER network 1's step."""
+        """--update sequential (Algorithm 1): network 2 learns from network 1 AFTER its step."""
         args, run, model, x, y = step_setup("sequential")
         ref = dml.build_model(args, 10)
         ref.load_state_dict(model.state_dict())
@@ -101,7 +103,7 @@ class TestTrainStep(unittest.TestCase):
         manual_step(ref[1], ref[1](x), ref[0](x), y, args)  # network 1 already updated
         for k in range(2):
             for p, q in zip(model[k].parameters(), ref[k].parameters()):
-                torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=f"network {k + 1} after the step")
+                torch.testing.assert_close(p, q, atol=1e-5, rtol=0, msg=f"network {k + 1}, stepped")
 
 
 class TestEvaluate(unittest.TestCase):

@@ -1,6 +1,6 @@
-"""Grading tests for okddip.py (`make grade METHOD=okddip FILE=...`): only the public functions and their
-outputs (peer_targets and okddip_loss on hand-made tensors, the model's attention against its W_q / W_k,
-gradients, train_step's w, evaluate's names).
+"""Grading tests for okddip.py (`make grade METHOD=okddip FILE=...`): only the public functions and
+their outputs (peer_targets and okddip_loss on hand-made tensors, the model's attention against its
+W_q / W_k, gradients, train_step's w, evaluate's names).
 """
 import math
 import os
@@ -10,11 +10,11 @@ import unittest
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
 from helpers import batch, fake_run, np_ce, np_kd, np_softmax  # noqa: E402
 import okddip  # noqa: E402  (the grader puts the student's file here)
 
-# 3 peers + the leader (last), B = 2, C = 3; a fixed attention (B, 3, 3) with rows summing to 1; labels.
+# 3 peers + the leader (last), B = 2, C = 3; a fixed attention (B, 3, 3), rows summing to 1; labels.
 Z = np.array([[[1.0, -0.5, 0.3], [0.2, 0.1, -1.2]],
               [[0.4, 1.5, -0.3], [-0.6, 2.2, 0.5]],
               [[-1.0, 0.8, 1.1], [1.3, -0.4, 0.0]],
@@ -36,7 +36,8 @@ def targets_by_hand():
 
 def model(m=3, exclude_self=False):
     torch.manual_seed(0)
-    return okddip.build_model(okddip.Args(arch="resnet8", num_peers=m, exclude_self=exclude_self), 10)
+    args = okddip.Args(arch="resnet8", num_peers=m, exclude_self=exclude_self)
+    return okddip.build_model(args, 10)
 
 
 class TestLoss(unittest.TestCase):
@@ -46,13 +47,14 @@ class TestLoss(unittest.TestCase):
         np.testing.assert_allclose(t.numpy(), targets_by_hand(), rtol=1e-6, atol=1e-6)
 
     def test_terms_by_hand(self):
-        """ce/peer<a>, kd/peer<a> (T = 3, x T^2, from t_a), ce/leader, kd/leader (from the peers' mean)."""
-        _, logs = okddip.okddip_loss(torch.tensor(Z), torch.tensor(A), torch.tensor(Y), 0.7, okddip.Args())
+        """ce/peer<a>, kd/peer<a> (T = 3, x T^2, from t_a), ce/leader, kd/leader (from the mean)."""
+        _, logs = okddip.okddip_loss(torch.tensor(Z), torch.tensor(A), torch.tensor(Y), 0.7,
+                                     okddip.Args())
         t = targets_by_hand()
         for a in range(3):
-            self.assertAlmostEqual(logs[f"ce/peer{a + 1}"].item(), np_ce(Z[a], Y), places=5, msg=f"ce/peer{a + 1}")
-            self.assertAlmostEqual(logs[f"kd/peer{a + 1}"].item(), np_kd(Z[a], t[a], 3.0), places=5,
-                                   msg=f"kd/peer{a + 1} = T^2 KL(softmax(t_a/T) || softmax(z_a/T))")
+            ce, kd = logs[f"ce/peer{a + 1}"].item(), logs[f"kd/peer{a + 1}"].item()
+            self.assertAlmostEqual(ce, np_ce(Z[a], Y), places=5, msg=f"ce/peer{a + 1}")
+            self.assertAlmostEqual(kd, np_kd(Z[a], t[a], 3.0), places=5, msg=f"kd/peer{a + 1}")
         self.assertAlmostEqual(logs["ce/leader"].item(), np_ce(Z[3], Y), places=5, msg="ce/leader")
         self.assertAlmostEqual(logs["kd/leader"].item(), np_kd(Z[3], Z[:3].mean(0), 3.0), places=5,
                                msg="kd/leader: target = mean of the peers' logits")
@@ -60,28 +62,29 @@ class TestLoss(unittest.TestCase):
     def test_total(self):
         """L = sum_a (CE_a + w KD_a) + CE_L + w KD_L: sums over the peers, one w for both levels."""
         w, t = 0.7, targets_by_hand()
-        loss, _ = okddip.okddip_loss(torch.tensor(Z), torch.tensor(A), torch.tensor(Y), w, okddip.Args())
+        loss, _ = okddip.okddip_loss(torch.tensor(Z), torch.tensor(A), torch.tensor(Y), w,
+                                     okddip.Args())
         expected = (sum(np_ce(Z[a], Y) + w * np_kd(Z[a], t[a], 3.0) for a in range(3))
                     + np_ce(Z[3], Y) + w * np_kd(Z[3], Z[:3].mean(0), 3.0))
         self.assertAlmostEqual(loss.item(), expected, places=5)
 
     def test_nothing_detached(self):
-        """The attention gets gradient through the targets, and the leader's KD reaches the peers."""
+        """The attention learns through the targets; the leader's KD reaches the peers."""
         def peer_grad(z):
             z, att = torch.tensor(z, requires_grad=True), torch.tensor(A, requires_grad=True)
             okddip.okddip_loss(z, att, torch.tensor(Y), 1.0, okddip.Args())[0].backward()
             return z.grad[:3].clone(), att.grad
         g0, att_grad = peer_grad(Z)
-        self.assertTrue(att_grad is not None and att_grad.abs().sum() > 0, "no gradient into the attention")
+        self.assertTrue(att_grad is not None and att_grad.abs().sum() > 0, "no gradient into A")
         z2 = Z.copy()
         z2[3] *= -2.0
         self.assertGreater((g0 - peer_grad(z2)[0]).abs().max().item(), 1e-4,
-                           "the peers' gradient ignores the leader: is the leader's target detached?")
+                           "the peers' gradient ignores the leader: is its target detached?")
 
 
 class TestAttention(unittest.TestCase):
     def test_attention_formula(self):
-        """A[b, a, c] = softmax_c((W_q h_a) . (W_k h_c)) per sample, no 1/sqrt(d), the peer itself included."""
+        """A[b, a, c] = softmax_c((W_q h_a) . (W_k h_c)) per sample: no 1/sqrt(d), c = a kept."""
         net = model()
         h = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1))
         att = net.attention(h)
@@ -124,7 +127,8 @@ class TestTrainStep(unittest.TestCase):
         opt = okddip.build_optimizers(net, args)
         before = [p.detach().clone() for p in net.parameters()]
         a = okddip.train_step(net, opt, x, y, epoch=40, step=0, run=run)["w"].item()
-        self.assertTrue(any(not torch.equal(p, q) for p, q in zip(net.parameters(), before)), "no step taken")
+        moved = any(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
+        self.assertTrue(moved, "no optimiser step")
         b = okddip.train_step(net, opt, x, y, epoch=40, step=9, run=run)["w"].item()
         self.assertAlmostEqual(a, math.exp(-5 * (1 - 40 / 80) ** 2), places=6, msg="w(40)")
         self.assertEqual(a, b, "w depends on the epoch only")
@@ -132,7 +136,7 @@ class TestTrainStep(unittest.TestCase):
 
 class TestEvaluate(unittest.TestCase):
     def test_names_and_values(self):
-        """peer1..m, ensemble (mean of the peers' logits, leader excluded) and leader (the last branch)."""
+        """peer1..m, ensemble (mean of the peers' logits, not the leader's) and leader (last)."""
         net = model().eval()
         x = batch(4)[0]
         with torch.no_grad():

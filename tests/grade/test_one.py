@@ -1,6 +1,6 @@
-"""Grading tests for one.py (`make grade METHOD=one FILE=...`): only the public functions and their outputs
-(one_loss on hand-made logits, the model's (z, g, z_e), parameter counts and gradients, train_step's w,
-evaluate's names).
+"""Grading tests for one.py (`make grade METHOD=one FILE=...`): only the public functions and their
+outputs (one_loss on hand-made logits, the model's (z, g, z_e), parameter counts and gradients,
+train_step's w, evaluate's names).
 """
 import math
 import os
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
 from helpers import batch, fake_run, np_ce, np_kd, np_softmax  # noqa: E402
 import common  # noqa: E402
 import one  # noqa: E402  (the grader puts the student's file here)
@@ -31,13 +31,13 @@ def model(m=3, arch="resnet8", classes=10):
 
 class TestLoss(unittest.TestCase):
     def test_terms_by_hand(self):
-        """ce/branch<i>, kd/branch<i> (T = 3, x T^2), ce/one_e and w equal the equation computed by hand."""
+        """ce/branch<i>, kd/branch<i> (T = 3, x T^2), ce/one_e and w, against a hand computation."""
         _, logs = one.one_loss(torch.tensor(Z), torch.tensor(Z_E), torch.tensor(Y), 0.3, one.Args())
         for i in range(3):
-            self.assertAlmostEqual(logs[f"ce/branch{i + 1}"].item(), np_ce(Z[i], Y), places=5,
-                                   msg=f"ce/branch{i + 1}")
-            self.assertAlmostEqual(logs[f"kd/branch{i + 1}"].item(), np_kd(Z[i], Z_E, 3.0), places=5,
-                                   msg=f"kd/branch{i + 1} = T^2 KL(softmax(z_e/T) || softmax(z_i/T))")
+            ce, kd = logs[f"ce/branch{i + 1}"].item(), logs[f"kd/branch{i + 1}"].item()
+            self.assertAlmostEqual(ce, np_ce(Z[i], Y), places=5, msg=f"ce/branch{i + 1}")
+            self.assertAlmostEqual(kd, np_kd(Z[i], Z_E, 3.0), places=5,
+                                   msg=f"kd/branch{i + 1}")
         self.assertAlmostEqual(logs["ce/one_e"].item(), np_ce(Z_E, Y), places=5, msg="ce/one_e")
         self.assertAlmostEqual(logs["w"].item(), 0.3, places=6, msg="w")
 
@@ -46,7 +46,7 @@ class TestLoss(unittest.TestCase):
         w = 0.3
         loss, _ = one.one_loss(torch.tensor(Z), torch.tensor(Z_E), torch.tensor(Y), w, one.Args())
         expected = sum(np_ce(Z[i], Y) + w * np_kd(Z[i], Z_E, 3.0) for i in range(3)) + np_ce(Z_E, Y)
-        self.assertAlmostEqual(loss.item(), expected, places=5, msg="L = sum_i CE_i + CE_e + w sum_i KD_i")
+        self.assertAlmostEqual(loss.item(), expected, places=5)
 
     def test_teacher_learns_from_its_ce_only(self):
         """d L / d z_e = d CE(z_e) / d z_e: the teacher is detached inside the KD terms."""
@@ -59,20 +59,21 @@ class TestLoss(unittest.TestCase):
 
 class TestModel(unittest.TestCase):
     def test_gate_and_teacher(self):
-        """g (B, m) is a softmax over the branches (rows sum to 1) and z_e = sum_i g_i z_i per sample."""
+        """g (B, m): a softmax over the branches (rows sum to 1); z_e = sum_i g_i z_i per sample."""
         logits, g, z_e = model()(batch(8)[0])
-        self.assertEqual((tuple(logits.shape), tuple(g.shape), tuple(z_e.shape)), ((3, 8, 10), (8, 3), (8, 10)))
-        torch.testing.assert_close(g.sum(1), torch.ones(8), rtol=0, atol=1e-6, msg="gate rows must sum to 1")
+        shapes = tuple(tuple(t.shape) for t in (logits, g, z_e))
+        self.assertEqual(shapes, ((3, 8, 10), (8, 3), (8, 10)))
+        torch.testing.assert_close(g.sum(1), torch.ones(8), rtol=0, atol=1e-6, msg="rows sum to 1?")
         self.assertTrue(bool((g >= 0).all()), "gate weights must be non-negative")
         expect = torch.stack([sum(g[b, i] * logits[i, b] for i in range(3)) for b in range(8)])
-        torch.testing.assert_close(z_e, expect, rtol=1e-5, atol=1e-5, msg="z_e = sum_i g_i z_i on logits")
+        torch.testing.assert_close(z_e, expect, rtol=1e-5, atol=1e-5, msg="z_e = sum_i g_i z_i")
 
     def test_parameter_count(self):
-        """ResNet-32, 3 branches: trunk + 3 branches + gate Linear(32 -> 3, bias) + BN1d(3) = 1,175,639."""
+        """ResNet-32, 3 branches: trunk + branches + gate Linear(32 -> 3) + BN1d(3) = 1,175,639."""
         self.assertEqual(common.num_params(model(arch="resnet32")), 1_175_639)
 
     def test_gate_learns_from_the_teacher_ce_only(self):
-        """The parameters only the teacher reaches (the gate's) get gradient from CE(z_e), none from KD."""
+        """The parameters only the teacher reaches (the gate's) learn from CE(z_e), not from KD."""
         net = model()
         x, y = batch(8)
         logits, _, z_e = net(x)
@@ -94,7 +95,7 @@ class TestModel(unittest.TestCase):
 
 class TestTrainStep(unittest.TestCase):
     def test_one_w_per_epoch_and_a_step(self):
-        """w(e) = exp(-5 (1 - e/80)^2) from the epoch (same at every step); the step changes the weights."""
+        """w(e) = exp(-5 (1 - e/80)^2) from the epoch, the same at every step; a step is taken."""
         args = one.Args(arch="resnet8", num_branches=2, batch_size=16, device="cpu")
         run = fake_run(args, 16)
         x, y = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std, run.data.train_y
@@ -102,7 +103,8 @@ class TestTrainStep(unittest.TestCase):
         opt = one.build_optimizers(net, args)
         before = [p.detach().clone() for p in net.parameters()]
         a = one.train_step(net, opt, x, y, epoch=40, step=0, run=run)["w"].item()
-        self.assertTrue(any(not torch.equal(p, q) for p, q in zip(net.parameters(), before)), "no step taken")
+        moved = any(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
+        self.assertTrue(moved, "no optimiser step")
         b = one.train_step(net, opt, x, y, epoch=40, step=7, run=run)["w"].item()
         self.assertAlmostEqual(a, math.exp(-5 * (1 - 40 / 80) ** 2), places=6, msg="w(40)")
         self.assertEqual(a, b, "w depends on the epoch only")

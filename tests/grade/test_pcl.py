@@ -1,6 +1,6 @@
-"""Grading tests for pcl.py (`make grade METHOD=pcl FILE=...`): only the public functions and their outputs
-(pcl_loss on hand-made logits, ema_decay, ema_update, the model's student / mean halves and their outputs,
-train_step's effect, evaluate's names). A peer network is read as `peers.single(j)` (common.MultiBranch).
+"""Grading tests for pcl.py (`make grade METHOD=pcl FILE=...`): only the public functions and their
+outputs (pcl_loss on hand-made logits, ema_decay, ema_update, the model's student and mean halves
+and their outputs, train_step's effect, evaluate's names). Peer j alone: `peers.single(j)` (common).
 """
 import copy
 import os
@@ -11,14 +11,15 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for helpers
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
 from helpers import fake_run, np_ce, np_kd  # noqa: E402
 import common  # noqa: E402
 import pcl  # noqa: E402  (the grader puts the student's file here)
 
 G = torch.Generator().manual_seed(3)
-LOGITS, ENS, MEAN = torch.randn(3, 2, 4, generator=G) * 2, torch.randn(2, 4, generator=G) * 2, \
-    torch.randn(3, 2, 4, generator=G) * 2  # peers (m, B, C), ensemble (B, C), temporal-mean peers (m, B, C)
+LOGITS = torch.randn(3, 2, 4, generator=G) * 2  # peers (m, B, C)
+ENS = torch.randn(2, 4, generator=G) * 2  # ensemble head (B, C)
+MEAN = torch.randn(3, 2, 4, generator=G) * 2  # temporal-mean peers (m, B, C)
 Y = torch.tensor([1, 3])
 
 
@@ -26,11 +27,11 @@ def terms_by_hand(T=3.0):
     z, ze, zm, y = LOGITS.double().numpy(), ENS.double().numpy(), MEAN.double().numpy(), Y.numpy()
     return {"ce/ens": np_ce(ze, y), "ce/peers": sum(np_ce(z[j], y) for j in range(3)),
             "kd/ens": sum(np_kd(z[j], ze, T) for j in range(3)),
-            "kd/mean": sum(sum(np_kd(z[j], zm[k], T) for k in range(3) if k != j) / 2 for j in range(3))}
+            "kd/mean": sum(np_kd(z[j], zm[k], T) / 2 for j in range(3) for k in range(3) if k != j)}
 
 
 def ready_to_step(**changes):
-    """A resnet8 PCL model in train mode, its optimisers, a 32-image fake run and the first batch of views."""
+    """A resnet8 PCL model in train mode, its optimisers, a 32-image run and a batch of 3 views."""
     torch.manual_seed(0)
     args = pcl.Args(arch="resnet8", device="cpu", batch_size=16, **changes)
     model = pcl.build_model(args, 10).train()
@@ -41,7 +42,7 @@ def ready_to_step(**changes):
 
 class TestLoss(unittest.TestCase):
     def test_terms_by_hand(self):
-        """ce/ens, ce/peers, kd/ens, kd/mean (T = 3, x T^2; sums over the peers) computed by hand."""
+        """ce/ens, ce/peers, kd/ens, kd/mean (T = 3, x T^2; sums over the peers), by hand."""
         _, logs = pcl.pcl_loss(LOGITS, ENS, MEAN, Y, 0.287, pcl.Args())
         for name, value in terms_by_hand().items():
             self.assertAlmostEqual(logs[name].item(), value, places=4, msg=name)
@@ -50,8 +51,8 @@ class TestLoss(unittest.TestCase):
         """L = CE(z_e) + sum_j [CE(z_j) + w (L_pe,j + L_pm,j)]: sums over the peers, not means."""
         w, t = 0.287, terms_by_hand()
         loss, _ = pcl.pcl_loss(LOGITS, ENS, MEAN, Y, w, pcl.Args())
-        self.assertAlmostEqual(loss.item(), t["ce/ens"] + t["ce/peers"] + w * (t["kd/ens"] + t["kd/mean"]),
-                               places=4)
+        expected = t["ce/ens"] + t["ce/peers"] + w * (t["kd/ens"] + t["kd/mean"])
+        self.assertAlmostEqual(loss.item(), expected, places=4)
 
     def test_ensemble_is_a_detached_target(self):
         """d L / d z_e = d CE(z_e) / d z_e: the KD terms send nothing into the ensemble logits."""
@@ -84,7 +85,7 @@ class TestTemporalMean(unittest.TestCase):
         self.assertEqual([pcl.ema_decay(g, 0.999) for g in (999, 5000)], [0.999, 0.999])
 
     def test_update_formula(self):
-        """theta' <- phi theta' + (1 - phi) theta for every parameter; student and BN buffers untouched."""
+        """theta' <- phi theta' + (1 - phi) theta, every parameter; BN buffers, student kept."""
         _, model, *_ = ready_to_step()
         with torch.no_grad():
             for p in model.student.parameters():
@@ -104,23 +105,24 @@ class TestTemporalMean(unittest.TestCase):
 
 class TestModel(unittest.TestCase):
     def test_parameter_count(self):
-        """ResNet-32, CIFAR-100: trunk + 3 peers + Linear(3 x 64 -> 100) = 1,212,384 trainable parameters."""
-        self.assertEqual(common.num_params(pcl.build_model(pcl.Args(arch="resnet32"), 100)), 1_212_384)
+        """ResNet-32, CIFAR-100: trunk + 3 peers + Linear(3 x 64 -> 100) = 1,212,384 parameters."""
+        model = pcl.build_model(pcl.Args(arch="resnet32"), 100)
+        self.assertEqual(common.num_params(model), 1_212_384)
 
     def test_ensemble_ce_reaches_trunk_and_peers(self):
-        """CE(z_e) trains every student parameter except the peers' own classifiers (features not detached)."""
+        """CE(z_e) trains all student parameters but the peers' classifiers (features kept)."""
         _, model, _, _, x, y = ready_to_step()
         logits, ens = model.student(x)
         self.assertEqual((tuple(logits.shape), tuple(ens.shape)), ((3, 16, 10), (16, 10)))
         params = list(model.student.parameters())
         grads = torch.autograd.grad(F.cross_entropy(ens, y), params, allow_unused=True)
         reached = sum(g is not None and bool(g.any()) for g in grads)
-        self.assertEqual(reached, len(params) - 2 * 3, "CE(z_e) must reach the trunk and every peer")
+        self.assertEqual(reached, len(params) - 2 * 3, "CE(z_e) must reach trunk and peers")
 
 
 class TestTrainStep(unittest.TestCase):
     def test_mean_updated_after_the_optimiser_step(self):
-        """At step g = 5: mean <- phi mean + (1 - phi) student with phi = 5/6, using the UPDATED student."""
+        """At step g = 5: mean <- phi mean + (1 - phi) student, phi = 5/6, the UPDATED student."""
         args, model, run, opts, x, y = ready_to_step()
         with torch.no_grad():
             for p in model.mean.parameters():
@@ -132,7 +134,8 @@ class TestTrainStep(unittest.TestCase):
                 break
         else:
             self.fail("the student took no optimiser step")
-        for new, old, theta in zip(model.mean.parameters(), before.mean.parameters(), model.student.parameters()):
+        triples = zip(model.mean.parameters(), before.mean.parameters(), model.student.parameters())
+        for new, old, theta in triples:
             torch.testing.assert_close(new, 5 / 6 * old + 1 / 6 * theta, atol=1e-6, rtol=1e-6)
 
     def test_mean_teacher_gets_no_gradient(self):
@@ -141,7 +144,8 @@ class TestTrainStep(unittest.TestCase):
         pcl.train_step(model, opts, x, y, epoch=100, step=0, run=run)
         in_opt = {id(p) for o in opts.values() for g in o.param_groups for p in g["params"]}
         self.assertEqual(in_opt, {id(p) for p in model.student.parameters()})
-        self.assertTrue(all(p.grad is None and not p.requires_grad for p in model.mean.parameters()))
+        mean = list(model.mean.parameters())
+        self.assertTrue(all(p.grad is None and not p.requires_grad for p in mean))
 
     def test_peer_j_and_mean_peer_k_see_their_own_view(self):
         """pcl_loss gets peer j and temporal-mean peer j, each on view x_j."""
@@ -155,10 +159,11 @@ class TestTrainStep(unittest.TestCase):
             pcl.train_step(model, opts, x, y, epoch=0, step=0, run=run)
         with torch.no_grad():
             for j in range(3):
-                torch.testing.assert_close(seen["logits"][j], before.student.peers.single(j)(x[j]), atol=1e-5,
-                                           rtol=0, msg=f"peer {j + 1} on view {j + 1}")
-                torch.testing.assert_close(seen["mean"][j], before.mean.peers.single(j)(x[j]), atol=1e-5,
-                                           rtol=0, msg=f"temporal-mean peer {j + 1} on view {j + 1}")
+                peer, mean_peer = before.student.peers.single(j), before.mean.peers.single(j)
+                torch.testing.assert_close(seen["logits"][j], peer(x[j]), atol=1e-5, rtol=0,
+                                           msg=f"peer {j + 1} on view {j + 1}")
+                torch.testing.assert_close(seen["mean"][j], mean_peer(x[j]), atol=1e-5, rtol=0,
+                                           msg=f"temporal-mean peer {j + 1} on view {j + 1}")
 
     def test_ema_per_epoch(self):
         """--ema-per-epoch: no update inside the epoch; at its last step phi = phi(epoch)."""
@@ -173,7 +178,7 @@ class TestTrainStep(unittest.TestCase):
 
 class TestEvaluate(unittest.TestCase):
     def test_names_and_values(self):
-        """peer1..m, pe_teacher, mt_peer1..m (mean trunk + mean peer j) and pcl_e (their mean logits)."""
+        """peer1..m, pe_teacher, mt_peer1..m (mean trunk + mean peer j), pcl_e (their mean)."""
         _, model, *_ = ready_to_step()
         with torch.no_grad():
             for p in model.mean.parameters():
@@ -182,13 +187,14 @@ class TestEvaluate(unittest.TestCase):
         x = torch.randn(8, 3, 32, 32)
         with torch.no_grad():
             outs = pcl.evaluate(model, x)
-            self.assertEqual(set(outs), {"peer1", "peer2", "peer3", "pe_teacher", "mt_peer1", "mt_peer2",
-                                         "mt_peer3", "pcl_e"})
+            names = ["peer1", "peer2", "peer3", "pe_teacher", "mt_peer1", "mt_peer2", "mt_peer3"]
+            self.assertEqual(set(outs), {*names, "pcl_e"})
             for j in range(3):
                 torch.testing.assert_close(outs[f"mt_peer{j + 1}"], model.mean.peers.single(j)(x))
                 torch.testing.assert_close(outs[f"peer{j + 1}"], model.student.peers.single(j)(x))
             torch.testing.assert_close(outs["pe_teacher"], model.student(x)[1])
-            torch.testing.assert_close(outs["pcl_e"], torch.stack([outs[f"mt_peer{j}"] for j in (1, 2, 3)]).mean(0))
+            mean_logits = torch.stack([outs[f"mt_peer{j}"] for j in (1, 2, 3)])
+            torch.testing.assert_close(outs["pcl_e"], mean_logits.mean(0))
 
 
 if __name__ == "__main__":
