@@ -1,13 +1,20 @@
-"""common.py: everything that is NOT an online-distillation algorithm.
+"""common.py: everything that is NOT an online-distillation algorithm. Method files (`baseline.py`,
+`dml.py`, ...) import this module and nothing else of ours; the algorithm itself (losses, train step,
+which models are scored) lives in each method file.
 
-Backbones (the CIFAR ResNets, WRNs, VGG-16, DenseNets, ResNeXt and GoogLeNet of the papers' tables, as
-composable parts, and the shared-trunk / per-branch split), data (CIFAR-10/100,
-an image folder, a synthetic `fake` set; held on the training device and augmented there in batches), the
-training loop (`fit`: epochs, LR schedule, evaluation, progress rows, checkpoints, final.json), seeding and
-the dataclass-to-argparse bridge. Method files (`baseline.py`, `dml.py`, ...) import this module and nothing
-else of ours; the algorithm itself (losses, train step, which models are scored) lives in each method file.
-
-Sections: 1. CLI bridge and shared arguments  2. Backbones  3. Branching  4. Data  5. Training loop parts.
+Contents, and what a method file may use from each section:
+  1. CLI bridge      `arg` (a field with its --help), `TrainArgs` (the shared flags), `parse_args`,
+                     `fail` (a one-line error). check_args validates; the parser is internal.
+  2. Backbones       `build_backbone(arch, num_classes)` -> a `Net` (stem, stages, pool, fc;
+                     `Net.features(x)` = every stage's map), `BACKBONES`, `num_params`, `init_weights`.
+  3. Branching       `MultiBranch(arch, num_classes, m)`: one shared trunk, m branches with their own
+                     weights; forward -> (logits, pooled features, trunk output); `.single(j)`.
+  4. Data            nothing directly: `fit(..., views=m)` asks for m augmented views per batch.
+                     CIFAR / image folder / synthetic `fake` sets, held and augmented on the device.
+  5. Training loop   `setup(args, method)` -> `Run` (`.args`, `.num_classes`, `.steps_per_epoch`,
+                     `.autocast()`, `.to_device()`), `sgd`, `kd_loss`, `sigmoid_rampup`, and
+                     `fit(run, model, optimizers, train_step, evaluate, deployed, ...)`: epochs, LR
+                     schedule, evaluation, the per-epoch row, metrics.jsonl, checkpoints, final.json.
 """
 import argparse
 import dataclasses
@@ -37,15 +44,23 @@ def fail(msg):
 # 1. CLI bridge and shared arguments
 # =====================================================================================================
 def arg(default, help, **kw):
-    """A dataclass field with its --help text (and optional `choices`) kept in the field's metadata."""
+    """A dataclass field with its --help text (and optional `choices`: a list, or a function returning
+    one, for lists defined further down) kept in the field's metadata."""
     return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def choices(field):
+    """A field's allowed values (None: any)."""
+    c = field.metadata.get("choices")
+    return c() if callable(c) else c
 
 
 @dataclass
 class TrainArgs:
     """Arguments every method shares (same names in every script)."""
-    arch: str = arg("resnet32", "backbone", choices=None)  # choices filled in below, after BACKBONES
-    dataset: str = arg("cifar10", "data set; 'folder' reads --data-dir/{train,test}/<class>/*", choices=None)
+    arch: str = arg("resnet32", "backbone", choices=lambda: list(BACKBONES))  # looked up when parsing
+    dataset: str = arg("cifar10", "data set; 'folder' reads --data-dir/{train,test}/<class>/*",
+                       choices=lambda: DATASETS)
     data_dir: str = arg("./data", "where torchvision downloads CIFAR, or the image folder for --dataset folder")
     subset: int = arg(0, "use a class-balanced first N training images (0 = all)")
     test_subset: int = arg(0, "use a class-balanced first N test images (0 = all)")
@@ -84,16 +99,16 @@ def parse_args(cls, argv=None):
             parser.add_argument(flag, default=f.default, help=meta["help"], action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(flag, default=f.default, help=meta["help"], type=type(f.default),
-                                choices=meta.get("choices"))
+                                choices=choices(f))
     return check_args(cls(**vars(parser.parse_args(argv))))
 
 
 def check_args(args):
     """Validate values argparse cannot (also for Args built directly in Python); one-line errors."""
     for f in dataclasses.fields(args):
-        value, choices = getattr(args, f.name), f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            fail(f"--{f.name.replace('_', '-')} {value!r} is not one of: {', '.join(map(str, choices))}")
+        value, allowed = getattr(args, f.name), choices(f)
+        if allowed is not None and value not in allowed:
+            fail(f"--{f.name.replace('_', '-')} {value!r} is not one of: {', '.join(map(str, allowed))}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -422,8 +437,6 @@ def googlenet(num_classes):
 BACKBONES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet56, resnet110, resnet110_basic, resnet164,
                                       wrn16_2, wrn40_2, wrn20_8, vgg16, densenet40_12, densenet40_12_plain,
                                       resnext29_2x64d, googlenet)}
-TrainArgs.__dataclass_fields__["arch"].metadata = {**TrainArgs.__dataclass_fields__["arch"].metadata,
-                                                   "choices": list(BACKBONES)}
 
 
 def build_backbone(arch, num_classes):
@@ -495,8 +508,6 @@ class _LogitsOnly(nn.Module):
 #    (random crop with 4-pixel padding + horizontal flip) runs batched on that device.
 # =====================================================================================================
 DATASETS = ["cifar10", "cifar100", "folder", "fake"]
-TrainArgs.__dataclass_fields__["dataset"].metadata = {**TrainArgs.__dataclass_fields__["dataset"].metadata,
-                                                      "choices": DATASETS}
 # Per-dataset normalisation used by the OKDDip/PCL lineage; folder and fake compute theirs from the train split.
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
