@@ -786,7 +786,7 @@ def evaluate_all(run, model, evaluate):
     return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
 
 
-def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None):
+def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None, show=()):
     """The epoch loop every method shares; the method supplies the parts it owns.
 
     model:      nn.Module holding every weight of the method (checkpointed; eval mode while scoring).
@@ -797,6 +797,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 of `views` independently augmented copies of it.
     evaluate(model, x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
     averages:   {name: [model names]} extra columns: the mean of those models' accuracies (e.g. 'peer_avg').
+    show:       the loss terms the console row shows besides 'loss' (metrics.jsonl keeps every term).
     Stops early after --stop-after epochs (checkpoint kept; returns {'stopped_after_epoch', ...}, no final.json);
     on Ctrl-C prints the command that resumes and exits with status 130; on a non-finite loss term stops with
     a one-line error, keeping the last good checkpoint.
@@ -864,13 +865,18 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
             history.append(row)
             if accs[deployed] > best["acc"]:
                 best = {"acc": accs[deployed], "epoch": epoch + 1}
+            # BOILERPLATE: the console row: the loss and the terms the method shows, the deployed model's
+            # accuracy and its best so far, the averages, time.
+            cols = {"epoch": f"{epoch + 1}", "lr": f"{row['lr']:.4f}", "loss": f"{row['loss']:.4f}",
+                    **{k: f"{row[k]:.4f}" for k in show}, deployed: f"{accs[deployed]:.2f}",
+                    "best": f"{best['acc']:.2f}", **{k: f"{accs[k]:.2f}" for k in averages or {}},
+                    "sec": f"{sec:.1f}", "img/s": f"{seen / sec:.0f}"}
             if not header_done:
-                cols = ["epoch", "lr"] + list(sums) + [f"acc/{k}" for k in accs] + ["sec", "img/s"]
-                print(" | ".join(f"{c:>{max(7, len(c))}}" for c in cols), flush=True)
+                print(f"({deployed}: the deployed model's top-1 %, best: its best so far; every term and "
+                      f"model: {os.path.join(run.out, 'metrics.jsonl')})", flush=True)
+                print(" | ".join(f"{c:>{max(6, len(c))}}" for c in cols), flush=True)
                 header_done = True
-            vals = [f"{epoch + 1:>7}", f"{row['lr']:>7.4f}"] + [f"{row[k]:>{max(7, len(k))}.4f}" for k in sums] + \
-                   [f"{accs[k]:>{max(7, len(k) + 4)}.2f}" for k in accs] + [f"{sec:>7.1f}", f"{seen / sec:>7.0f}"]
-            print(" | ".join(vals), flush=True)
+            print(" | ".join(f"{v:>{max(6, len(c))}}" for c, v in cols.items()), flush=True)
             _write_text(os.path.join(run.out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
             save_checkpoint(ckpt_path, {
                 "epoch": epoch + 1, "meta": _meta(run), "history": history, "best": best,

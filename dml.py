@@ -124,7 +124,8 @@ def main(args):
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="peer1",
-                      averages={"peer_avg": [f"peer{k + 1}" for k in range(args.num_peers)]})
+                      averages={"peer_avg": [f"peer{k + 1}" for k in range(args.num_peers)]},
+                      show=["ce/peer1", "kd/peer1"])
 
 
 if __name__ == "__main__":

@@ -364,7 +364,8 @@ def main(args):
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="leader",
-                      averages={"student_avg": [f"student{k + 1}" for k in range(args.num_students)]})
+                      averages={"student_avg": [f"student{k + 1}" for k in range(args.num_students)]},
+                      show=["kd/student2", "kd/leader", "fmap/leader"])
 
 
 if __name__ == "__main__":

@@ -172,7 +172,8 @@ def main(args):
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="leader",
-                      averages={"peer_avg": [f"peer{a + 1}" for a in range(args.num_peers)]})
+                      averages={"peer_avg": [f"peer{a + 1}" for a in range(args.num_peers)]},
+                      show=["kd/peer1", "kd/leader", "w"])
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def main(args):
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="branch1",
-                      averages={"branch_avg": [f"branch{i + 1}" for i in range(args.num_branches)]})
+                      averages={"branch_avg": [f"branch{i + 1}" for i in range(args.num_branches)]},
+                      show=["ce/one_e", "kd/branch1", "w"])
 
 
 if __name__ == "__main__":

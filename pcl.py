@@ -195,7 +195,8 @@ def main(args):
     run = common.setup(args, method="pcl")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
-    return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1", views=args.num_peers)
+    return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1", views=args.num_peers,
+                      show=["ce/ens", "kd/ens", "kd/mean"])
 
 
 if __name__ == "__main__":
