@@ -9,7 +9,7 @@ Objective:  L = CE(z, y),  z = f(x) the logits of the single network.
 Differences from baseline.py: none (this is the base).
 
 Run:
-    python baseline.py --arch resnet32 --dataset cifar10                      # paper recipe, GPU
+    python baseline.py --arch resnet32 --dataset cifar10                      # shared recipe, GPU
     python baseline.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
 Published (error %, PCL Tables 1-2, ResNet-32): 6.74 +- 0.15 (CIFAR-10), 28.72 +- 0.19 (CIFAR-100).
 """

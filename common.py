@@ -655,7 +655,8 @@ def kd_loss(student_logits, teacher_logits, T):
 
 
 def sigmoid_rampup(epoch, length):
-    """w(e) = exp(-5 (1 - min(e, L)/L)^2) for the 0-based epoch e (Laine & Aila; the ONE/OKDDip/PCL code):
+    """w(e) = exp(-5 (1 - min(e, L)/L)^2) at the 0-based epoch e: Laine & Aila's sigmoid ramp-up, as
+    in the ONE and OKDDip official code (the PCL re-implementation's divides by the wrong constant).
     w(0) = 0.0067, w(L/2) = 0.287, w(>=L) = 1. L = 0 disables the ramp (w = 1)."""
     if length <= 0:
         return 1.0

@@ -41,12 +41,24 @@ Deviations from the official code (SJLeo/FFSD, CIFARTrainer.py):
        SD teachers are still computed with the weights from before this iteration's SD update, as in the code.
     2. "ensemble" is the arg-max of the mean of the students' logits, not the code's "any student correct"
        oracle; 300 epochs instead of the code's 299; no dummy forward of student 0 at construction.
+Deviations from the paper text, where this file follows the official code:
+    3. Fusion-module weight decay 1e-5 (--fusion-wd); the paper gives the fusion module the
+       students' "same implementation details", i.e. 1e-4.
+    4. lambda_div, lambda_fusion and lambda_sd warm up over epochs 1-5 (--warmup-epochs; the paper
+       has no warm-up).
+    5. No SD module on the first common student (it has no diversity target); the paper equips each
+       student with one.
+    6. Eq. 10's weight balancing its whole-map and attention terms is fixed at 1.
+    7. Every distance the paper writes as an l_p norm (its symbols are lost) is D, the mean squared
+       difference of per-sample L2-normalised maps: on attention maps (whole maps in Eq. 10's first
+       term).
 
 Run:
-    python ffsd.py --arch resnet32 --dataset cifar100                     # paper recipe, GPU
+    python ffsd.py --arch resnet32 --dataset cifar100                     # FFSD's own recipe, GPU
     python ffsd.py --arch resnet8 --dataset fake --epochs 2 --subset 512 --test-subset 200 --device cpu
-Published (CIFAR-100 top-1 %, Table I, best epoch, mean of 3): ResNet-32 leader 74.85 +- 0.05
-(students 74.30 / 74.34, fusion 76.04); ResNet-20 72.70; ResNet-56 75.80.
+Published (CIFAR-100 top-1 %, Table I, mean of 3 runs; most likely each run's best epoch, an
+inference: the official code keeps each network's best test accuracy): ResNet-32 leader
+74.85 +- 0.05 (students 74.30 / 74.34, fusion 76.04); ResNet-20 72.70; ResNet-56 75.80.
 """
 # ===== 1. Imports =====
 from dataclasses import dataclass

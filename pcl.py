@@ -16,8 +16,10 @@ ensemble logits z_e = head([h_1, ..., h_m])):
                              + w(e) 1/(m-1) sum_{k != j} KD_T(z'_k -> z_j) ]                  # L_pm
     KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch.
     z'_k = temporal-mean peer k on its own view x_k (no gradient); w(e) = exp(-5 (1 - e/80)^2), e < 80.
-Temporal mean (Algorithm 1, EMA of every parameter): theta' <- phi(g) theta' + (1 - phi(g)) theta after
-every optimiser step g = 0, 1, ...; phi(g) = min(1 - 1/(g + 1), beta), beta = 0.999.
+Temporal mean (EMA of every parameter): theta' <- phi(g) theta' + (1 - phi(g)) theta after every
+optimiser step g = 0, 1, ...; phi(g) = min(1 - 1/(g + 1), beta), beta = 0.999. The paper's
+presentation writes phi(g) = min(1 - 1/g, beta) and labels g the epoch; counting steps is the
+re-implementation's (mean-teacher) reading, the only one under which beta = 0.999 ever binds.
 
 Differences from baseline.py:
     1. The model is a student (shared trunk + m peers, MultiBranch, + ensemble head Linear(m*D -> C)) and
@@ -35,7 +37,7 @@ its own (not averaged, not copied), as in the mean-teacher code; phi counts opti
 every peer is initialised independently (the re-implementation starts all peers' Linear heads identical).
 
 Run:
-    python pcl.py --arch resnet32 --dataset cifar100                     # paper recipe, GPU
+    python pcl.py --arch resnet32 --dataset cifar100        # the re-implementation's recipe, GPU
     python pcl.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
 Published (error %, PCL Tables 1-2, temporal-mean peer 1, ResNet-32): 5.67 +- 0.12 (CIFAR-10),
 25.86 +- 0.16 (CIFAR-100).
