@@ -133,7 +133,7 @@ def check_args(args):
 # =====================================================================================================
 class Net(nn.Module):
     """A backbone as parts. `widths[i]`: channels out of stages[i]; `split`: how many stages the shared
-    trunk of a multi-branch network keeps (where the ONE / OKDDip official codes cut it; README, Backbones);
+    trunk of a multi-branch network keeps (where the ONE / OKDDip official codes cut it; docs/backbones.md);
     `feature_dim`: width of pool's output (given explicitly when fc is not a single Linear, e.g. VGG's MLP
     head)."""
 
@@ -446,7 +446,7 @@ def build_backbone(arch, num_classes):
 
 
 def num_params(module):
-    """Trainable parameters (BN running buffers excluded), the count the tests pin and README, Backbones reports."""
+    """Trainable parameters (BN running buffers excluded), the count the tests pin and docs/backbones.md reports."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 

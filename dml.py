@@ -19,7 +19,7 @@ Differences from baseline.py:
        (--update sequential: network k is stepped after recomputing its peers with their current weights).
     4. Evaluation reports every peer, the peer-accuracy mean and the logit-mean ensemble; peer 1 is deployed.
 
-Deviations (see README.md, "Implementation details"): joint update by default (what the CIFAR
+Deviations (details in docs/dml.md): joint update by default (what the CIFAR
 re-implementations do; the paper's Algorithm 1 is --update sequential); zero padding (the paper uses
 reflect padding: --pad-mode reflect); the repository's 300-epoch recipe instead of the paper's 200.
 
