@@ -222,7 +222,8 @@ def main(argv=None):
     p.add_argument("-v", "--verbose", action="store_true", help="grade: print the reasons in full")
     a = p.parse_args(argv)
     if not a.method:
-        fail(f"{a.action} needs a method (make {a.action} METHOD=...): {', '.join(METHODS)}")
+        target = {"make": "assignment"}.get(a.action, a.action)
+        fail(f"which method? make {target} METHOD=<one of {', '.join(METHODS)}>")
     default = os.path.join("student", f"{a.method}.py")
     if a.action == "list":
         with open(method_path(a.method)) as f:
