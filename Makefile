@@ -2,7 +2,7 @@ PY ?= python3
 METHODS = dml one okddip pcl ffsd
 GRID ?= short
 
-.PHONY: help install test smoke diff bench reproduce report
+.PHONY: help install test smoke diff bench reproduce report assignment grade
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -12,10 +12,12 @@ install: ## install the run-time dependencies (torch, torchvision, numpy)
 test: ## run the CPU test suite (tiny synthetic data, a few minutes on 2 cores)
 	$(PY) tests/run.py
 
-smoke: ## one tiny CPU epoch of every script on the synthetic set
-	@for m in baseline $(METHODS); do [ -f $$m.py ] || continue; rm -rf runs/smoke-$$m; \
-	  $(PY) $$m.py --arch resnet8 --dataset fake --epochs 1 --subset 256 --test-subset 200 --batch-size 32 --device cpu \
-	    --out runs/smoke-$$m 2>&1 | tail -n 1 || exit 1; rm -rf runs/smoke-$$m; done
+smoke: ## one tiny CPU epoch of every script on the synthetic set; stops at the first script that fails
+	@mkdir -p runs; for m in baseline $(METHODS); do [ -f $$m.py ] || continue; rm -rf runs/smoke-$$m; \
+	  $(PY) $$m.py --arch resnet8 --dataset fake --epochs 1 --subset 256 --test-subset 200 --batch-size 32 \
+	    --device cpu --out runs/smoke-$$m > runs/smoke-$$m.log 2>&1 \
+	    || { cat runs/smoke-$$m.log; echo "make smoke: $$m.py failed"; exit 1; }; \
+	  tail -n 1 runs/smoke-$$m.log; rm -rf runs/smoke-$$m runs/smoke-$$m.log; done
 
 diff: ## changed lines of each method file against baseline.py
 	@for m in $(METHODS); do [ -f $$m.py ] && printf "  %-10s %4d lines differ from baseline.py\n" $$m.py $$(diff baseline.py $$m.py | grep -c '^[<>]'); done; true
@@ -28,3 +30,9 @@ reproduce: ## run the results grid GRID (tiny, short, table1, table1-jpeg; DATA_
 
 report: ## render results/ into RESULTS.md and README.md's results section
 	$(PY) tools/reproduce.py report
+
+assignment: ## student copy of METHOD=<method> with its algorithm regions blanked (OUT=student/<method>.py)
+	$(PY) tools/assignment.py make $(METHOD) $(if $(OUT),--out $(OUT))
+
+grade: ## grade a student file with the method's tests: make grade METHOD=pcl FILE=student/pcl.py
+	$(PY) tools/assignment.py grade $(METHOD) $(FILE)

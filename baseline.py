@@ -9,7 +9,7 @@ Objective:  L = CE(z, y),  z = f(x) the logits of the single network.
 Differences from baseline.py: none (this is the base).
 
 Run:
-    python baseline.py --arch resnet32 --dataset cifar10                      # paper recipe, GPU
+    python baseline.py --arch resnet32 --dataset cifar10                      # shared recipe, GPU
     python baseline.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
 Published (error %, PCL Tables 1-2, ResNet-32): 6.74 +- 0.15 (CIFAR-10), 28.72 +- 0.19 (CIFAR-100).
 """
@@ -42,13 +42,16 @@ def build_optimizers(model, args):
 # ===== 4. Loss =====
 def baseline_loss(logits, y, args):
     """logits: (B, C). Returns (loss, logs)."""
+    # ===== BEGIN ALGO: loss =====
     # ALGO: L = CE(z, y), mean over the batch.
     ce = F.cross_entropy(logits.float(), y)
     return ce, {"loss": ce.detach(), "ce": ce.detach()}
+    # ===== END ALGO =====
 
 
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
+    # ===== BEGIN ALGO: train step =====
     with run.autocast():
         logits = model(x)  # (B, C)
         loss, logs = baseline_loss(logits, y, run.args)
@@ -56,12 +59,15 @@ def train_step(model, optimizers, x, y, epoch, step, run):
     loss.backward()
     optimizers["sgd"].step()
     return logs
+    # ===== END ALGO =====
 
 
 # ===== 6. Evaluate =====
 def evaluate(model, x):
+    # ===== BEGIN ALGO: evaluate =====
     # The one network is the deployed model.
     return {"net": model(x)}
+    # ===== END ALGO =====
 
 
 # ===== 7. Main =====

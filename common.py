@@ -1,13 +1,20 @@
-"""common.py: everything that is NOT an online-distillation algorithm.
+"""common.py: everything that is NOT an online-distillation algorithm. Method files (`baseline.py`,
+`dml.py`, ...) import this module and nothing else of ours; the algorithm itself (losses, train step,
+which models are scored) lives in each method file.
 
-Backbones (the CIFAR ResNets, WRNs, VGG-16, DenseNets, ResNeXt and GoogLeNet of the papers' tables, as
-composable parts, and the shared-trunk / per-branch split), data (CIFAR-10/100,
-an image folder, a synthetic `fake` set; held on the training device and augmented there in batches), the
-training loop (`fit`: epochs, LR schedule, evaluation, progress rows, checkpoints, final.json), seeding and
-the dataclass-to-argparse bridge. Method files (`baseline.py`, `dml.py`, ...) import this module and nothing
-else of ours; the algorithm itself (losses, train step, which models are scored) lives in each method file.
-
-Sections: 1. CLI bridge and shared arguments  2. Backbones  3. Branching  4. Data  5. Training loop parts.
+Contents, and what a method file may use from each section:
+  1. CLI bridge      `arg` (a field with its --help), `TrainArgs` (the shared flags), `parse_args`,
+                     `fail` (a one-line error). check_args validates; the parser is internal.
+  2. Backbones       `build_backbone(arch, num_classes)` -> a `Net` (stem, stages, pool, fc;
+                     `Net.features(x)` = every stage's map), `BACKBONES`, `num_params`, `init_weights`.
+  3. Branching       `MultiBranch(arch, num_classes, m)`: one shared trunk, m branches with their own
+                     weights; forward -> (logits, pooled features, trunk output); `.single(j)`.
+  4. Data            nothing directly: `fit(..., views=m)` asks for m augmented views per batch.
+                     CIFAR / image folder / synthetic `fake` sets, held and augmented on the device.
+  5. Training loop   `setup(args, method)` -> `Run` (`.args`, `.num_classes`, `.steps_per_epoch`,
+                     `.autocast()`, `.to_device()`), `sgd`, `kd_loss`, `sigmoid_rampup`, and
+                     `fit(run, model, optimizers, train_step, evaluate, deployed, ...)`: epochs, LR
+                     schedule, evaluation, the per-epoch row, metrics.jsonl, checkpoints, final.json.
 """
 import argparse
 import dataclasses
@@ -37,15 +44,23 @@ def fail(msg):
 # 1. CLI bridge and shared arguments
 # =====================================================================================================
 def arg(default, help, **kw):
-    """A dataclass field with its --help text (and optional `choices`) kept in the field's metadata."""
+    """A dataclass field with its --help text (and optional `choices`: a list, or a function returning
+    one, for lists defined further down) kept in the field's metadata."""
     return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def choices(field):
+    """A field's allowed values (None: any)."""
+    c = field.metadata.get("choices")
+    return c() if callable(c) else c
 
 
 @dataclass
 class TrainArgs:
     """Arguments every method shares (same names in every script)."""
-    arch: str = arg("resnet32", "backbone", choices=None)  # choices filled in below, after BACKBONES
-    dataset: str = arg("cifar10", "data set; 'folder' reads --data-dir/{train,test}/<class>/*", choices=None)
+    arch: str = arg("resnet32", "backbone", choices=lambda: list(BACKBONES))  # looked up when parsing
+    dataset: str = arg("cifar10", "data set; 'folder' reads --data-dir/{train,test}/<class>/*",
+                       choices=lambda: DATASETS)
     data_dir: str = arg("./data", "where torchvision downloads CIFAR, or the image folder for --dataset folder")
     subset: int = arg(0, "use a class-balanced first N training images (0 = all)")
     test_subset: int = arg(0, "use a class-balanced first N test images (0 = all)")
@@ -84,16 +99,16 @@ def parse_args(cls, argv=None):
             parser.add_argument(flag, default=f.default, help=meta["help"], action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(flag, default=f.default, help=meta["help"], type=type(f.default),
-                                choices=meta.get("choices"))
+                                choices=choices(f))
     return check_args(cls(**vars(parser.parse_args(argv))))
 
 
 def check_args(args):
     """Validate values argparse cannot (also for Args built directly in Python); one-line errors."""
     for f in dataclasses.fields(args):
-        value, choices = getattr(args, f.name), f.metadata.get("choices")
-        if choices is not None and value not in choices:
-            fail(f"--{f.name.replace('_', '-')} {value!r} is not one of: {', '.join(map(str, choices))}")
+        value, allowed = getattr(args, f.name), choices(f)
+        if allowed is not None and value not in allowed:
+            fail(f"--{f.name.replace('_', '-')} {value!r} is not one of: {', '.join(map(str, allowed))}")
     for name in ("epochs", "batch_size", "eval_batch_size"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -118,7 +133,7 @@ def check_args(args):
 # =====================================================================================================
 class Net(nn.Module):
     """A backbone as parts. `widths[i]`: channels out of stages[i]; `split`: how many stages the shared
-    trunk of a multi-branch network keeps (where the ONE / OKDDip official codes cut it; README, Backbones);
+    trunk of a multi-branch network keeps (where the ONE / OKDDip official codes cut it; docs/backbones.md);
     `feature_dim`: width of pool's output (given explicitly when fc is not a single Linear, e.g. VGG's MLP
     head)."""
 
@@ -422,8 +437,6 @@ def googlenet(num_classes):
 BACKBONES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet56, resnet110, resnet110_basic, resnet164,
                                       wrn16_2, wrn40_2, wrn20_8, vgg16, densenet40_12, densenet40_12_plain,
                                       resnext29_2x64d, googlenet)}
-TrainArgs.__dataclass_fields__["arch"].metadata = {**TrainArgs.__dataclass_fields__["arch"].metadata,
-                                                   "choices": list(BACKBONES)}
 
 
 def build_backbone(arch, num_classes):
@@ -433,7 +446,7 @@ def build_backbone(arch, num_classes):
 
 
 def num_params(module):
-    """Trainable parameters (BN running buffers excluded), the count the tests pin and README, Backbones reports."""
+    """Trainable parameters (BN running buffers excluded), the count the tests pin and docs/backbones.md reports."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
@@ -495,8 +508,6 @@ class _LogitsOnly(nn.Module):
 #    (random crop with 4-pixel padding + horizontal flip) runs batched on that device.
 # =====================================================================================================
 DATASETS = ["cifar10", "cifar100", "folder", "fake"]
-TrainArgs.__dataclass_fields__["dataset"].metadata = {**TrainArgs.__dataclass_fields__["dataset"].metadata,
-                                                      "choices": DATASETS}
 # Per-dataset normalisation used by the OKDDip/PCL lineage; folder and fake compute theirs from the train split.
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
@@ -644,7 +655,8 @@ def kd_loss(student_logits, teacher_logits, T):
 
 
 def sigmoid_rampup(epoch, length):
-    """w(e) = exp(-5 (1 - min(e, L)/L)^2) for the 0-based epoch e (Laine & Aila; the ONE/OKDDip/PCL code):
+    """w(e) = exp(-5 (1 - min(e, L)/L)^2) at the 0-based epoch e: Laine & Aila's sigmoid ramp-up, as
+    in the ONE and OKDDip official code (the PCL re-implementation's divides by the wrong constant).
     w(0) = 0.0067, w(L/2) = 0.287, w(>=L) = 1. L = 0 disables the ramp (w = 1)."""
     if length <= 0:
         return 1.0
@@ -775,7 +787,7 @@ def evaluate_all(run, model, evaluate):
     return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
 
 
-def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None):
+def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None, show=()):
     """The epoch loop every method shares; the method supplies the parts it owns.
 
     model:      nn.Module holding every weight of the method (checkpointed; eval mode while scoring).
@@ -786,6 +798,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 of `views` independently augmented copies of it.
     evaluate(model, x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
     averages:   {name: [model names]} extra columns: the mean of those models' accuracies (e.g. 'peer_avg').
+    show:       the loss terms the console row shows besides 'loss' (metrics.jsonl keeps every term).
     Stops early after --stop-after epochs (checkpoint kept; returns {'stopped_after_epoch', ...}, no final.json);
     on Ctrl-C prints the command that resumes and exits with status 130; on a non-finite loss term stops with
     a one-line error, keeping the last good checkpoint.
@@ -853,13 +866,18 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
             history.append(row)
             if accs[deployed] > best["acc"]:
                 best = {"acc": accs[deployed], "epoch": epoch + 1}
+            # BOILERPLATE: the console row: the loss and the terms the method shows, the deployed model's
+            # accuracy and its best so far, the averages, time.
+            cols = {"epoch": f"{epoch + 1}", "lr": f"{row['lr']:.4f}", "loss": f"{row['loss']:.4f}",
+                    **{k: f"{row[k]:.4f}" for k in show}, deployed: f"{accs[deployed]:.2f}",
+                    "best": f"{best['acc']:.2f}", **{k: f"{accs[k]:.2f}" for k in averages or {}},
+                    "sec": f"{sec:.1f}", "img/s": f"{seen / sec:.0f}"}
             if not header_done:
-                cols = ["epoch", "lr"] + list(sums) + [f"acc/{k}" for k in accs] + ["sec", "img/s"]
-                print(" | ".join(f"{c:>{max(7, len(c))}}" for c in cols), flush=True)
+                print(f"({deployed}: the deployed model's top-1 %, best: its best so far; every term and "
+                      f"model: {os.path.join(run.out, 'metrics.jsonl')})", flush=True)
+                print(" | ".join(f"{c:>{max(6, len(c))}}" for c in cols), flush=True)
                 header_done = True
-            vals = [f"{epoch + 1:>7}", f"{row['lr']:>7.4f}"] + [f"{row[k]:>{max(7, len(k))}.4f}" for k in sums] + \
-                   [f"{accs[k]:>{max(7, len(k) + 4)}.2f}" for k in accs] + [f"{sec:>7.1f}", f"{seen / sec:>7.0f}"]
-            print(" | ".join(vals), flush=True)
+            print(" | ".join(f"{v:>{max(6, len(c))}}" for c, v in cols.items()), flush=True)
             _write_text(os.path.join(run.out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
             save_checkpoint(ckpt_path, {
                 "epoch": epoch + 1, "meta": _meta(run), "history": history, "best": best,

@@ -19,7 +19,7 @@ Differences from baseline.py:
        (--update sequential: network k is stepped after recomputing its peers with their current weights).
     4. Evaluation reports every peer, the peer-accuracy mean and the logit-mean ensemble; peer 1 is deployed.
 
-Deviations (see README.md, "Implementation details"): joint update by default (what the CIFAR
+Deviations (details in docs/dml.md): joint update by default (what the CIFAR
 re-implementations do; the paper's Algorithm 1 is --update sequential); zero padding (the paper uses
 reflect padding: --pad-mode reflect); the repository's 300-epoch recipe instead of the paper's 200.
 
@@ -65,6 +65,7 @@ def build_optimizers(model, args):
 # ===== 4. Loss =====
 def dml_loss(logits, y, args):
     """logits: (K, B, C), one row per peer. Returns (L = sum_k L_k, logs)."""
+    # ===== BEGIN ALGO: loss =====
     K, T = logits.shape[0], args.temperature
     loss, logs = 0.0, {}
     for k in range(K):
@@ -76,10 +77,12 @@ def dml_loss(logits, y, args):
         loss = loss + ce + kd
         logs[f"ce/peer{k + 1}"], logs[f"kd/peer{k + 1}"] = ce.detach(), kd.detach()
     return loss, {"loss": loss.detach(), **logs}
+    # ===== END ALGO =====
 
 
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
+    # ===== BEGIN ALGO: train step =====
     # NOTE(deviation): joint update by default (the CIFAR re-implementations); the paper's Algorithm 1 is the
     # sequential branch below (--update sequential).
     if run.args.update == "joint":
@@ -103,13 +106,16 @@ def train_step(model, optimizers, x, y, epoch, step, run):
         loss.backward()
         optimizers["sgd"].step()
     return logs
+    # ===== END ALGO =====
 
 
 # ===== 6. Evaluate =====
 def evaluate(model, x):
+    # ===== BEGIN ALGO: evaluate =====
     logits = torch.stack([net(x) for net in model])  # (K, B, C)
     # Every peer, and the ensemble = argmax of the mean of the peers' logits (costs K x at inference).
     return {**{f"peer{k + 1}": logits[k] for k in range(len(model))}, "ensemble": logits.float().mean(0)}
+    # ===== END ALGO =====
 
 
 # ===== 7. Main =====
@@ -118,7 +124,8 @@ def main(args):
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="peer1",
-                      averages={"peer_avg": [f"peer{k + 1}" for k in range(args.num_peers)]})
+                      averages={"peer_avg": [f"peer{k + 1}" for k in range(args.num_peers)]},
+                      show=["ce/peer1", "kd/peer1"])
 
 
 if __name__ == "__main__":

@@ -41,12 +41,24 @@ Deviations from the official code (SJLeo/FFSD, CIFARTrainer.py):
        SD teachers are still computed with the weights from before this iteration's SD update, as in the code.
     2. "ensemble" is the arg-max of the mean of the students' logits, not the code's "any student correct"
        oracle; 300 epochs instead of the code's 299; no dummy forward of student 0 at construction.
+Deviations from the paper text, where this file follows the official code:
+    3. Fusion-module weight decay 1e-5 (--fusion-wd); the paper gives the fusion module the
+       students' "same implementation details", i.e. 1e-4.
+    4. lambda_div, lambda_fusion and lambda_sd warm up over epochs 1-5 (--warmup-epochs; the paper
+       has no warm-up).
+    5. No SD module on the first common student (it has no diversity target); the paper equips each
+       student with one.
+    6. Eq. 10's weight balancing its whole-map and attention terms is fixed at 1.
+    7. Every distance the paper writes as an l_p norm (its symbols are lost) is D, the mean squared
+       difference of per-sample L2-normalised maps: on attention maps (whole maps in Eq. 10's first
+       term).
 
 Run:
-    python ffsd.py --arch resnet32 --dataset cifar100                     # paper recipe, GPU
+    python ffsd.py --arch resnet32 --dataset cifar100                     # FFSD's own recipe, GPU
     python ffsd.py --arch resnet8 --dataset fake --epochs 2 --subset 512 --test-subset 200 --device cpu
-Published (CIFAR-100 top-1 %, Table I, best epoch, mean of 3): ResNet-32 leader 74.85 +- 0.05
-(students 74.30 / 74.34, fusion 76.04); ResNet-20 72.70; ResNet-56 75.80.
+Published (CIFAR-100 top-1 %, Table I, mean of 3 runs; most likely each run's best epoch, an
+inference: the official code keeps each network's best test accuracy): ResNet-32 leader
+74.85 +- 0.05 (students 74.30 / 74.34, fusion 76.04); ResNet-20 72.70; ResNet-56 75.80.
 """
 # ===== 1. Imports =====
 from dataclasses import dataclass
@@ -78,13 +90,17 @@ class Args(common.TrainArgs):
 # ===== 3. Model =====
 def attention(fmap):
     """A(F) (Eq. 7): mean over channels of F^2. (B, C, H, W) -> (B, H*W), fp32, not normalised."""
+    # ===== BEGIN ALGO: attention -- channel mean of F^2, flattened =====
     return fmap.float().pow(2).mean(1).flatten(1)
+    # ===== END ALGO =====
 
 
 def distance(u, v):
     """D(u, v): mean over batch and entries of (u/||u|| - v/||v||)^2, each sample flattened and L2-normalised
     (an attention MSE when given A(.) maps, the code's feature loss when given whole maps)."""
+    # ===== BEGIN ALGO: distance -- mean squared difference of per-sample L2-normalised maps =====
     return (F.normalize(u.float().flatten(1), dim=1) - F.normalize(v.float().flatten(1), dim=1)).pow(2).mean()
+    # ===== END ALGO =====
 
 
 def diversity_target(a_prev):
@@ -93,12 +109,14 @@ def diversity_target(a_prev):
     third kept), n/2 where y_hat = tau, n - y_hat where y_hat > tau (attention moved off the strongest
     regions). Note the mixed scales (y_hat unit-norm, n raw): lambda_div = 1e-5 is tuned for this form.
     Returns t, y_hat, n."""
+    # ===== BEGIN ALGO: diversity target -- Eq. 8, see the docstring =====
     n = a_prev.norm(dim=1, keepdim=True)  # (B, 1)
     y_hat = F.normalize(a_prev, dim=1)  # (B, HW)
     tau = y_hat.kthvalue(a_prev.shape[1] // 3, dim=1, keepdim=True).values  # (B, 1)
     # ALGO: Eq. 8 in one line: sign = -1 keeps y_hat, +1 gives n - y_hat, 0 (the threshold itself) gives n/2.
     t = (n / 2 - y_hat) * torch.sign(y_hat - tau) + n / 2
     return t, y_hat, n
+    # ===== END ALGO =====
 
 
 def shifted_map(fmap_prev):
@@ -244,6 +262,7 @@ def warmup(epoch, args):
 
 def student_loss(out, y, k, args, w):
     """Common student k (0-based). Returns (L_k, logs); logged terms carry their weights."""
+    # ===== BEGIN ALGO: student loss =====
     z, T, M = out["z"], args.temperature, out["z"].shape[0]
     # ALGO: Eq. 2: CE(z_k, y), mean over the batch.
     ce = F.cross_entropy(z[k].float(), y)
@@ -260,17 +279,21 @@ def student_loss(out, y, k, args, w):
     sd = lam * sum(distance(attention(f), attention(g)) for f, g in zip(out["feats"][k][:-1], out["sd_teach"][k - 1]))
     logs.update({f"div/student{k + 1}": div.detach(), f"sd/student{k + 1}": sd.detach()})
     return ce + kd + div + sd, logs
+    # ===== END ALGO =====
 
 
 def fusion_loss(out, y, args):
     """Fusion module (Eq. 4): CE(z_f, y) + KD_T(sg z_bar -> z_f), z_bar = mean of the students' logits."""
+    # ===== BEGIN ALGO: fusion loss =====
     ce = F.cross_entropy(out["z_f"].float(), y)
     kd = common.kd_loss(out["z_f"], out["z"].float().mean(0).detach(), args.temperature)  # leader not in z_bar
     return ce + kd, {"ce/fusion": ce.detach(), "kd/fusion": kd.detach()}
+    # ===== END ALGO =====
 
 
 def leader_loss(out, y, args, w):
     """Leader (Eq. 14). No KL with the common students: its soft target is the fusion classifier."""
+    # ===== BEGIN ALGO: leader loss =====
     ce = F.cross_entropy(out["z_ld"].float(), y)
     # ALGO: KD_T(sg z_f -> z_ld), T^2 x batchmean KL.
     kd = common.kd_loss(out["z_ld"], out["z_f"].detach(), args.temperature)
@@ -284,11 +307,13 @@ def leader_loss(out, y, args, w):
     logs = {"ce/leader": ce.detach(), "kd/leader": kd.detach(), "fmap/leader": fmap.detach(),
             "recon/leader": recon.detach(), "sd/leader": sd.detach()}
     return ce + kd + fmap + recon + sd, logs
+    # ===== END ALGO =====
 
 
 def sd_fit_loss(out, args, w):
     """Eq. 10 for every SD module: lambda_sd * sum_{l<L} [D(G^l, sg F^l) + D(A(G^l), A(sg F^l))] on its own
     network's maps (whole-map term first, then attention term). Reaches only the SD modules' weights."""
+    # ===== BEGIN ALGO: SD module loss =====
     owners = [out["feats"][k] for k in range(1, len(out["feats"]))] + [out["feats_ld"]]
     names = [f"student{k + 1}" for k in range(1, len(out["feats"]))] + ["leader"]
     lam, loss, logs = args.lambda_sd * w, 0.0, {}
@@ -297,21 +322,25 @@ def sd_fit_loss(out, args, w):
                          for f, g in zip(maps[:-1], gs))
         loss, logs[f"sdfit/{name}"] = loss + term, term.detach()
     return loss, logs
+    # ===== END ALGO =====
 
 
 def ffsd_loss(out, y, args, w):
     """Sum of every network's loss (out = FFSD.forward(x)); w = warm-up factor on the three lambdas.
     Summing is exact: each parameter set receives the gradient of its own loss only (all cross-network
     targets and the fusion input are detached). Returns (loss, logs)."""
+    # ===== BEGIN ALGO: loss =====
     parts = [student_loss(out, y, k, args, w) for k in range(out["z"].shape[0])]
     parts += [fusion_loss(out, y, args), leader_loss(out, y, args, w), sd_fit_loss(out, args, w)]
     loss = sum(p[0] for p in parts)
     logs = {k: v for p in parts for k, v in p[1].items()}
     return loss, {"loss": loss.detach(), **logs}
+    # ===== END ALGO =====
 
 
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
+    # ===== BEGIN ALGO: train step =====
     with run.autocast():
         out = model(x)  # every network on the same batch; SD teachers use the pre-update SD weights
         loss, logs = ffsd_loss(out, y, run.args, warmup(epoch, run.args))
@@ -323,10 +352,12 @@ def train_step(model, optimizers, x, y, epoch, step, run):
     for opt in optimizers.values():  # students, fusion, leader (+R), SD modules: disjoint parameter sets
         opt.step()
     return logs
+    # ===== END ALGO =====
 
 
 # ===== 6. Evaluate =====
 def evaluate(model, x):
+    # ===== BEGIN ALGO: evaluate =====
     feats = [net.features(x) for net in model.students]
     z = torch.stack([model._head(net, f) for net, f in zip(model.students, feats)])  # (M, B, classes)
     _, z_f = model.fusion(torch.cat([f[-1] for f in feats], dim=1))
@@ -336,6 +367,7 @@ def evaluate(model, x):
     # "any student correct" oracle (utils/util.py, ensemble_accuracy).
     return {**{f"student{k + 1}": z[k] for k in range(len(model.students))}, "ensemble": z.float().mean(0),
             "fusion": z_f, "leader": model.leader(x)}
+    # ===== END ALGO =====
 
 
 # ===== 7. Main =====
@@ -344,7 +376,8 @@ def main(args):
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="leader",
-                      averages={"student_avg": [f"student{k + 1}" for k in range(args.num_students)]})
+                      averages={"student_avg": [f"student{k + 1}" for k in range(args.num_students)]},
+                      show=["kd/student2", "kd/leader", "fmap/leader"])
 
 
 if __name__ == "__main__":

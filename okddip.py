@@ -78,6 +78,7 @@ class OKDDip(nn.Module):
 
     def attention(self, h):
         """h: (m, B, D) pooled features of the auxiliary peers only. Returns A (B, m, m), rows sum to 1."""
+        # ===== BEGIN ALGO: attention =====
         q, k = self.query(h), self.key(h)  # (m, B, D/8) each
         # ALGO: energy[a, b] = q_a . k_b per sample, no 1/sqrt(d) scaling.
         energy = torch.einsum("abd,cbd->bac", q.float(), k.float())  # (B, m, m): [sample, query a, key b]
@@ -85,6 +86,7 @@ class OKDDip(nn.Module):
             energy = energy.masked_fill(torch.eye(self.m, dtype=torch.bool, device=energy.device), float("-inf"))
         # ALGO: softmax over the keys b (row a sums to 1), the peer itself included by default.
         return F.softmax(energy, dim=-1)
+        # ===== END ALGO =====
 
     def forward(self, x):
         """Returns logits (m + 1, B, C): peers 0..m-1 then the leader; attention A (B, m, m)."""
@@ -108,13 +110,16 @@ def build_optimizers(model, args):
 # ===== 4. Loss =====
 def peer_targets(peer_logits, A):
     """t_a = sum_b A[a, b] z_b. peer_logits: (m, B, C), A: (B, m, m). Returns (m, B, C)."""
+    # ===== BEGIN ALGO: peer targets =====
     # ALGO: OKDDip official code (models/model_cifar/*_GL.py): targets mix LOGITS (softmax(./T) comes inside the
     # KD), per sample.
     return torch.einsum("bac,cbk->abk", A.float(), peer_logits.float())
+    # ===== END ALGO =====
 
 
 def okddip_loss(logits, A, y, w, args):
     """logits: (m + 1, B, C), peers then leader; A: (B, m, m); w: ramp-up weight. Returns (loss, logs)."""
+    # ===== BEGIN ALGO: loss =====
     T, m, loss, logs = args.temperature, A.shape[-1], 0.0, {}
     peers, leader = logits[:m], logits[m]  # (m, B, C), (B, C)
     # ALGO: NOTHING detached (official code): the gradient of each peer's KD flows into t_a, hence into every
@@ -132,10 +137,12 @@ def okddip_loss(logits, A, y, w, args):
     loss = loss + ce_l + w * kd_l
     return loss, {"loss": loss.detach(), **logs, "ce/leader": ce_l.detach(), "kd/leader": kd_l.detach(),
                   "w": ce_l.new_tensor(w).detach()}
+    # ===== END ALGO =====
 
 
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
+    # ===== BEGIN ALGO: train step =====
     # ALGO: w(e) from the 0-based epoch, constant within an epoch (OKDDip official code, train_GL.py: --length 80).
     w = common.sigmoid_rampup(epoch, run.args.rampup_epochs)
     with run.autocast():
@@ -145,15 +152,18 @@ def train_step(model, optimizers, x, y, epoch, step, run):
     loss.backward()
     optimizers["sgd"].step()
     return logs
+    # ===== END ALGO =====
 
 
 # ===== 6. Evaluate =====
 def evaluate(model, x):
+    # ===== BEGIN ALGO: evaluate =====
     logits, _ = model(x)  # (m + 1, B, C)
     m = len(logits) - 1
     # The leader (last branch) is deployed; also every peer and the peer ensemble = argmax of the mean of the
     # auxiliary peers' logits (the leader not included; costs m branches).
     return {**{f"peer{a + 1}": logits[a] for a in range(m)}, "ensemble": logits[:m].float().mean(0), "leader": logits[m]}
+    # ===== END ALGO =====
 
 
 # ===== 7. Main =====
@@ -162,7 +172,8 @@ def main(args):
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="leader",
-                      averages={"peer_avg": [f"peer{a + 1}" for a in range(args.num_peers)]})
+                      averages={"peer_avg": [f"peer{a + 1}" for a in range(args.num_peers)]},
+                      show=["kd/peer1", "kd/leader", "w"])
 
 
 if __name__ == "__main__":

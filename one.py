@@ -74,19 +74,23 @@ class ONE(nn.Module):
     def __init__(self, arch, num_classes, m):
         super().__init__()
         self.net = common.MultiBranch(arch, num_classes, m)
+        # ===== BEGIN ALGO: gate =====
         # ALGO: ONE paper / official code (models/cifar/resnet.py, ONE_ResNet): gate = pool(shared trunk output)
         # -> Linear(C_trunk -> m, bias) -> BN1d(m) -> ReLU, then a softmax over the branches (in forward). The ReLU
         # clips negative scores to 0.
         self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.net.trunk_channels, m),
                                   nn.BatchNorm1d(m), nn.ReLU())
+        # ===== END ALGO =====
 
     def forward(self, x):
         """Returns branch logits z (m, B, C), gate g (B, m), teacher logits z_e (B, C)."""
         z, _, t = self.net(x)  # z: (m, B, C); t: trunk output (B, C_trunk, H, W)
+        # ===== BEGIN ALGO: gated teacher =====
         g = F.softmax(self.gate(t).float(), dim=1)  # (B, m): softmax over branches, rows sum to 1
         # ALGO: z_e = sum_i g_i * z_i, per sample, on LOGITS; nothing detached, so CE(z_e) trains gate, branches, trunk.
         z_e = (g.t().unsqueeze(-1) * z.float()).sum(0)  # (m, B, 1) * (m, B, C) -> (B, C)
         return z, g, z_e
+        # ===== END ALGO =====
 
 
 def build_model(args, num_classes):
@@ -104,6 +108,7 @@ def build_optimizers(model, args):
 # ===== 4. Loss =====
 def one_loss(logits, z_e, y, w, args):
     """logits: (m, B, C) branches; z_e: (B, C) gated teacher; w: ramp-up weight. Returns (loss, logs)."""
+    # ===== BEGIN ALGO: loss =====
     T, loss, logs = args.temperature, 0.0, {}
     # ALGO: official ONE code, cifar_one.py: CE(z_e, y) trains the teacher, hence the gate (mean over the batch).
     ce_e = F.cross_entropy(z_e.float(), y)
@@ -119,10 +124,12 @@ def one_loss(logits, z_e, y, w, args):
     # ALGO: L = sum_i CE_i + CE_e + w(e) * sum_i KD_i (plain sums, all weights 1).
     loss = loss + ce_e
     return loss, {"loss": loss.detach(), **logs, "ce/one_e": ce_e.detach(), "w": ce_e.new_tensor(w).detach()}
+    # ===== END ALGO =====
 
 
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
+    # ===== BEGIN ALGO: train step =====
     # ALGO: w(e) from the 0-based epoch, constant within an epoch (official ONE code, utils/ramps.py).
     w = common.sigmoid_rampup(epoch, run.args.rampup_epochs)
     with run.autocast():
@@ -132,14 +139,17 @@ def train_step(model, optimizers, x, y, epoch, step, run):
     loss.backward()
     optimizers["sgd"].step()
     return logs
+    # ===== END ALGO =====
 
 
 # ===== 6. Evaluate =====
 def evaluate(model, x):
+    # ===== BEGIN ALGO: evaluate =====
     logits, _, z_e = model(x)  # (m, B, C), (B, m), (B, C)
     # Branch 1 is deployed; also every branch, the gated teacher (ONE-E as the official code logs it) and the
     # plain mean of the branch logits (what OKDDip's code calls the ensemble); both cost m branches.
     return {**{f"branch{i + 1}": logits[i] for i in range(len(logits))}, "one_e": z_e, "ensemble": logits.float().mean(0)}
+    # ===== END ALGO =====
 
 
 # ===== 7. Main =====
@@ -149,7 +159,8 @@ def main(args):
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="branch1",
-                      averages={"branch_avg": [f"branch{i + 1}" for i in range(args.num_branches)]})
+                      averages={"branch_avg": [f"branch{i + 1}" for i in range(args.num_branches)]},
+                      show=["ce/one_e", "kd/branch1", "w"])
 
 
 if __name__ == "__main__":

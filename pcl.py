@@ -16,8 +16,10 @@ ensemble logits z_e = head([h_1, ..., h_m])):
                              + w(e) 1/(m-1) sum_{k != j} KD_T(z'_k -> z_j) ]                  # L_pm
     KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch.
     z'_k = temporal-mean peer k on its own view x_k (no gradient); w(e) = exp(-5 (1 - e/80)^2), e < 80.
-Temporal mean (Algorithm 1, EMA of every parameter): theta' <- phi(g) theta' + (1 - phi(g)) theta after
-every optimiser step g = 0, 1, ...; phi(g) = min(1 - 1/(g + 1), beta), beta = 0.999.
+Temporal mean (EMA of every parameter): theta' <- phi(g) theta' + (1 - phi(g)) theta after every
+optimiser step g = 0, 1, ...; phi(g) = min(1 - 1/(g + 1), beta), beta = 0.999. The paper's
+presentation writes phi(g) = min(1 - 1/g, beta) and labels g the epoch; counting steps is the
+re-implementation's (mean-teacher) reading, the only one under which beta = 0.999 ever binds.
 
 Differences from baseline.py:
     1. The model is a student (shared trunk + m peers, MultiBranch, + ensemble head Linear(m*D -> C)) and
@@ -35,7 +37,7 @@ its own (not averaged, not copied), as in the mean-teacher code; phi counts opti
 every peer is initialised independently (the re-implementation starts all peers' Linear heads identical).
 
 Run:
-    python pcl.py --arch resnet32 --dataset cifar100                     # paper recipe, GPU
+    python pcl.py --arch resnet32 --dataset cifar100        # the re-implementation's recipe, GPU
     python pcl.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
 Published (error %, PCL Tables 1-2, temporal-mean peer 1, ResNet-32): 5.67 +- 0.12 (CIFAR-10),
 25.86 +- 0.16 (CIFAR-100).
@@ -76,8 +78,10 @@ class PeerNet(nn.Module):
     def forward(self, x):
         """x: a batch shared by all peers, or a list of m views. Returns peer logits (m, B, C), z_e (B, C)."""
         logits, feats, _ = self.peers(x)  # (m, B, C), (m, B, D)
+        # ===== BEGIN ALGO: ensemble teacher -- z_e = head([h_1, ..., h_m]), features not detached =====
         h = feats.transpose(0, 1).flatten(1)  # (B, m*D) = [h_1, ..., h_m]; NOT detached: CE(z_e) trains the peers
         return logits, self.head(h)
+        # ===== END ALGO =====
 
 
 class PCL(nn.Module):
@@ -110,6 +114,7 @@ def build_optimizers(model, args):
 def pcl_loss(logits, ens_logits, mean_logits, y, w, args):
     """logits: (m, B, C) peer j on view x_j; ens_logits: (B, C) z_e; mean_logits: (m, B, C) temporal-mean peer
     k on view x_k; w: ramp-up weight w(e). Returns (L, logs); logged KD terms are unweighted sums over peers."""
+    # ===== BEGIN ALGO: loss =====
     m, T = logits.shape[0], args.temperature
     # ALGO: CE(z_e, y): the only loss of the ensemble head; its gradient also reaches every peer and the trunk.
     ce_ens = F.cross_entropy(ens_logits.float(), y)
@@ -128,23 +133,29 @@ def pcl_loss(logits, ens_logits, mean_logits, y, w, args):
     loss = ce_ens + ce_peers + w * (kd_ens + kd_mean)
     return loss, {"loss": loss.detach(), "ce/ens": ce_ens.detach(), "ce/peers": ce_peers.detach(),
                   "kd/ens": kd_ens.detach(), "kd/mean": kd_mean.detach()}
+    # ===== END ALGO =====
 
 
 # ===== 5. Train step =====
 def ema_decay(g, beta):
     """phi(g) = min(1 - 1/(g+1), beta) for the 0-based update count g: 0 (a copy), 0.5, ..., capped at beta."""
+    # ===== BEGIN ALGO: phi(g) -- min(1 - 1/(g+1), beta) =====
     return min(1.0 - 1.0 / (g + 1), beta)
+    # ===== END ALGO =====
 
 
 @torch.no_grad()
 def ema_update(mean, student, phi):
     """theta' <- phi theta' + (1 - phi) theta for every parameter; BN running statistics are left alone."""
+    # ===== BEGIN ALGO: temporal mean -- theta' <- phi theta' + (1 - phi) theta, parameters only =====
     mean_params, params = list(mean.parameters()), list(student.parameters())
     torch._foreach_mul_(mean_params, phi)  # one fused kernel per op on GPU instead of one per tensor
     torch._foreach_add_(mean_params, params, alpha=1.0 - phi)
+    # ===== END ALGO =====
 
 
 def train_step(model, optimizers, x, y, epoch, step, run):
+    # ===== BEGIN ALGO: train step =====
     args = run.args
     # ALGO: ramp-up weight of both KD terms, one value per 0-based epoch: w(0) = 0.0067, w(40) = 0.287, w(80) = 1.
     w = common.sigmoid_rampup(epoch, args.rampup_epochs)
@@ -165,10 +176,12 @@ def train_step(model, optimizers, x, y, epoch, step, run):
         # NOTE(deviation): the presentation's "g = epoch" reading: one update at each epoch end, g = epoch.
         ema_update(model.mean, model.student, ema_decay(epoch, args.ema_decay))
     return logs
+    # ===== END ALGO =====
 
 
 # ===== 6. Evaluate =====
 def evaluate(model, x):
+    # ===== BEGIN ALGO: evaluate =====
     logits, ens_logits = model.student(x)  # (m, B, C), (B, C): every peer sees the same test image
     mean_logits, _ = model.mean(x)  # (m, B, C), eval mode: the mean model's own BN running statistics
     m = logits.shape[0]
@@ -176,6 +189,7 @@ def evaluate(model, x):
     # temporal-mean peers' logits (costs m x at inference).
     return {**{f"peer{j + 1}": logits[j] for j in range(m)}, "pe_teacher": ens_logits,
             **{f"mt_peer{j + 1}": mean_logits[j] for j in range(m)}, "pcl_e": mean_logits.float().mean(0)}
+    # ===== END ALGO =====
 
 
 # ===== 7. Main =====
@@ -183,7 +197,8 @@ def main(args):
     run = common.setup(args, method="pcl")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
-    return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1", views=args.num_peers)
+    return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1", views=args.num_peers,
+                      show=["ce/ens", "kd/ens", "kd/mean"])
 
 
 if __name__ == "__main__":

@@ -104,3 +104,52 @@ def np_kd(student, teacher, T):
         p_t, p_s = np_softmax(teacher[b] / T), np_softmax(student[b] / T)
         total += sum(p_t[c] * math.log(p_t[c] / p_s[c]) for c in range(student.shape[1]))
     return T * T * total / student.shape[0]
+
+
+# ----- FFSD (official code, CIFARTrainer.py): numpy attention, distance and diversity target,
+# and a hand-made FFSD.forward output dict. -----
+
+
+def np_att(f):
+    """A(F): mean over channels of F^2, flattened per sample."""
+    return (f ** 2).mean(1).reshape(f.shape[0], -1)
+
+
+def np_dist(u, v):
+    u, v = u.reshape(u.shape[0], -1), v.reshape(v.shape[0], -1)
+    u = u / np.linalg.norm(u, axis=1, keepdims=True)
+    v = v / np.linalg.norm(v, axis=1, keepdims=True)
+    return ((u - v) ** 2).mean()
+
+
+def np_div_target(a):
+    """Eq. 8 by an explicit loop: kept below the K-th smallest, n/2 at it, n - y_hat above."""
+    t = np.zeros_like(a)
+    for b in range(a.shape[0]):
+        n = math.sqrt(sum(v * v for v in a[b]))
+        y_hat = [v / n for v in a[b]]
+        tau = sorted(y_hat)[len(y_hat) // 3 - 1]
+        for i, v in enumerate(y_hat):
+            t[b, i] = v if v < tau else (n / 2 if v == tau else n - v)
+    return t
+
+
+def rand(g, *shape):
+    return torch.randn(*shape, generator=g)
+
+
+def fixed_outputs(M=2, B=3, C=4, seed=0):
+    """A hand-made FFSD.forward-like dict: 3 stages (shallow maps 2x4x4 and 4x2x2 (last stage 3x3x3)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, 2, 4, 4), (B, 4, 2, 2), (B, 3, 3, 3)]
+    feats = [[rand(g, *s) for s in shapes] for _ in range(M)]
+    return {"z": rand(g, M, B, C), "feats": feats, "z_ld": rand(g, B, C), "feats_ld": [rand(g, *s) for s in shapes],
+            "recon": rand(g, B, 3 * M, 3, 3), "concat": torch.cat([f[-1] for f in feats], 1),
+            "fused": rand(g, B, 3, 3, 3), "z_f": rand(g, B, C),
+            "sd_teach": [[rand(g, *s) for s in shapes[:-1]] for _ in range(M - 1)],
+            "sd_teach_ld": [rand(g, *s) for s in shapes[:-1]],
+            "sd_fit": [[rand(g, *s) for s in shapes[:-1]] for _ in range(M)]}
+
+
+def npy(t):
+    return t.detach().double().numpy()

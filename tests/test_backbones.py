@@ -1,7 +1,8 @@
 """Backbones (common.py section 2) and their multi-branch split (section 3): pinned parameter counts for 10 and
-100 classes, stage shapes, pooled widths, trunk / branch sizes (split as in the ONE / OKDDip official codes; README,
-Backbones), fresh modules per branch, and the definition details that change numbers (pre-activation WRN
+100 classes, stage shapes, pooled widths, trunk / branch sizes (split as in the ONE / OKDDip official codes;
+docs/backbones.md), fresh modules per branch, and the definition details that change numbers (pre-activation WRN
 taps, VGG head, DenseNet variants)."""
+import dataclasses
 import unittest
 
 import torch
@@ -21,7 +22,7 @@ def resnet8_count(C):
     return stem + s1 + s2 + s3 + 64 * C + C
 
 
-# Trainable parameters (C10, C100) of the definitions in README, Backbones. Every published count is matched
+# Trainable parameters (C10, C100) of the definitions in docs/backbones.md. Every published count is matched
 # exactly.
 PARAMS = {
     "resnet8": (resnet8_count(10), resnet8_count(100)),
@@ -42,7 +43,7 @@ PARAMS = {
 }
 
 # (C, H, W) of each stage output for a 32x32 input: FFSD's taps (FFSD official code, models/*_cifar.py)
-# for the backbones FFSD uses, otherwise the stage outputs of each definition (README, Backbones).
+# for the backbones FFSD uses, otherwise the stage outputs of each definition (docs/backbones.md).
 BASIC = [(16, 32, 32), (32, 16, 16), (64, 8, 8)]
 BOTTLE = [(64, 32, 32), (128, 16, 16), (256, 8, 8)]
 STAGES = {
@@ -56,8 +57,8 @@ STAGES = {
     "googlenet": [(480, 32, 32), (832, 16, 16), (1024, 8, 8)],
 }
 
-# (shared trunk, one branch) parameters on CIFAR-100, split as in the ONE / OKDDip official codes (README,
-# Backbones), for the backbones listed.
+# (shared trunk, one branch) parameters on CIFAR-100, split as in the ONE / OKDDip official codes
+# (docs/backbones.md), for the backbones listed.
 SPLITS = {
     "resnet32": (112_592, 360_164),
     "resnet110": (275_280, 895_588),
@@ -73,7 +74,8 @@ class TestBackbones(unittest.TestCase):
         # A backbone added to BACKBONES without a pinned count or stage shapes fails here.
         self.assertEqual(set(common.BACKBONES), set(PARAMS))
         self.assertEqual(set(common.BACKBONES), set(STAGES))
-        self.assertEqual(common.TrainArgs.__dataclass_fields__["arch"].metadata["choices"], list(common.BACKBONES))
+        arch = next(f for f in dataclasses.fields(common.TrainArgs) if f.name == "arch")
+        self.assertEqual(common.choices(arch), list(common.BACKBONES))  # what --arch accepts
 
     def test_parameter_counts_10_and_100_classes(self):
         for arch, counts in PARAMS.items():

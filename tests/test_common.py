@@ -151,7 +151,7 @@ class TestData(unittest.TestCase):
 
 
 class TestBackbones(unittest.TestCase):
-    # (CIFAR-10, CIFAR-100) trainable parameters, projection (option B) shortcuts; README, Backbones.
+    # (CIFAR-10, CIFAR-100) trainable parameters, projection (option B) shortcuts; docs/backbones.md.
     COUNTS = {"resnet20": (272_474, 278_324), "resnet32": (466_906, 472_756), "resnet56": (855_770, 861_620),
               "resnet110": (1_147_738, 1_170_868), "resnet110_basic": (1_730_714, 1_736_564)}
 
@@ -176,7 +176,7 @@ class TestBackbones(unittest.TestCase):
 
     def test_multibranch_shares_trunk_once_and_nothing_else(self):
         mb = common.MultiBranch("resnet32", 100, 3)
-        self.assertEqual(common.num_params(mb.trunk), 112_592)  # stem + stages 1-2 (README, Backbones)
+        self.assertEqual(common.num_params(mb.trunk), 112_592)  # stem + stages 1-2 (docs/backbones.md)
         self.assertEqual(common.num_params(mb.branches[0]), 360_164)
         self.assertEqual(common.num_params(mb), 112_592 + 3 * 360_164)
         self.assertEqual(common.num_params(mb.single(1)), 472_756)

@@ -1,4 +1,4 @@
-"""dml.py against the DML paper (Zhang et al., CVPR 2018) and the defaults in README.md: loss, gradient routing,
+"""dml.py against the DML paper (Zhang et al., CVPR 2018) and the defaults in docs/dml.md: loss, gradient routing,
 joint and sequential updates, defaults and a tiny run."""
 import unittest
 from unittest import mock

@@ -9,59 +9,10 @@ import unittest
 import numpy as np
 import torch
 
-from helpers import ROOT, fake_run, np_ce, np_kd, tiny
+from helpers import ROOT, fake_run, fixed_outputs, np_att, np_ce, np_dist, np_div_target, np_kd, npy, rand, tiny
 
 import common
 import ffsd
-
-# ----- independent numpy versions of FFSD's formulas (official code, CIFARTrainer.py). CE and the KD term (sum over
-# classes, / B, x T^2) are helpers.np_ce / helpers.np_kd. -----
-
-
-def np_att(f):
-    """A(F): mean over channels of F^2, flattened per sample."""
-    return (f ** 2).mean(1).reshape(f.shape[0], -1)
-
-
-def np_dist(u, v):
-    u, v = u.reshape(u.shape[0], -1), v.reshape(v.shape[0], -1)
-    u = u / np.linalg.norm(u, axis=1, keepdims=True)
-    v = v / np.linalg.norm(v, axis=1, keepdims=True)
-    return ((u - v) ** 2).mean()
-
-
-def np_div_target(a):
-    """Eq. 8 by an explicit loop: kept below the K-th smallest, n/2 at it, n - y_hat above."""
-    t = np.zeros_like(a)
-    for b in range(a.shape[0]):
-        n = math.sqrt(sum(v * v for v in a[b]))
-        y_hat = [v / n for v in a[b]]
-        tau = sorted(y_hat)[len(y_hat) // 3 - 1]
-        for i, v in enumerate(y_hat):
-            t[b, i] = v if v < tau else (n / 2 if v == tau else n - v)
-    return t
-
-
-def rand(g, *shape):
-    return torch.randn(*shape, generator=g)
-
-
-def fixed_outputs(M=2, B=3, C=4, seed=0):
-    """A hand-made FFSD.forward-like dict: 3 stages (shallow maps 2x4x4 and 4x2x2 (last stage 3x3x3)."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(B, 2, 4, 4), (B, 4, 2, 2), (B, 3, 3, 3)]
-    feats = [[rand(g, *s) for s in shapes] for _ in range(M)]
-    return {"z": rand(g, M, B, C), "feats": feats, "z_ld": rand(g, B, C), "feats_ld": [rand(g, *s) for s in shapes],
-            "recon": rand(g, B, 3 * M, 3, 3), "concat": torch.cat([f[-1] for f in feats], 1),
-            "fused": rand(g, B, 3, 3, 3), "z_f": rand(g, B, C),
-            "sd_teach": [[rand(g, *s) for s in shapes[:-1]] for _ in range(M - 1)],
-            "sd_teach_ld": [rand(g, *s) for s in shapes[:-1]],
-            "sd_fit": [[rand(g, *s) for s in shapes[:-1]] for _ in range(M)]}
-
-
-def npy(t):
-    return t.detach().double().numpy()
-
 
 ARGS = ffsd.Args(temperature=2.0, lambda_div=0.5, lambda_fusion=3.0, lambda_sd=7.0)
 Y = torch.tensor([0, 3, 1])

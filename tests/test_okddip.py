@@ -1,7 +1,7 @@
 """okddip.py: attention and targets against explicit loops, the two-level loss against a hand computation,
 gradient routing (W_q learns only through the undetached targets), leader handling, parameter counts, a tiny
 run that learns, determinism and the CLI. Expected behaviour: OKDDip official code
-(DefangChen/OKDDip-AAAI2020, train_GL.py, models/model_cifar/*_GL.py); counts: README, Backbones."""
+(DefangChen/OKDDip-AAAI2020, train_GL.py, models/model_cifar/*_GL.py); counts: docs/backbones.md."""
 import math
 import unittest
 

@@ -1,6 +1,6 @@
 """one.py: the loss against a hand computation, gate and teacher, gradient routing, ramp-up, parameter
 counts, a tiny run that learns, determinism and the CLI. Expected behaviour: ONE paper and official code
-(Lan1991Xu/ONE_NeurIPS2018); counts: README, Backbones."""
+(Lan1991Xu/ONE_NeurIPS2018); counts: docs/backbones.md."""
 import math
 import unittest
 
@@ -161,7 +161,7 @@ class TestModel(unittest.TestCase):
         self.assertEqual(tuple(net.net.trunk(batch(2)[0]).shape), (2, 32, 16, 16))
 
     def test_parameter_counts_resnet32(self):
-        # split after stage 2 as the official ONE_ResNet (README, Backbones): trunk 112,592 + 3 branches + gate
+        # split after stage 2 as the official ONE_ResNet (docs/backbones.md): trunk 112,592 + 3 branches + gate
         # (32*3 + 3 + BN 2*3 = 105).
         for classes, total, deployed in ((10, 1_175_639, 466_906), (100, 1_193_189, 472_756)):
             net = model(m=3, arch="resnet32", classes=classes)

@@ -219,12 +219,29 @@ class TestReport(unittest.TestCase):
         self.assertTrue(readme.startswith("intro\n<!-- results:start -->\n"))
         self.assertTrue(readme.endswith("<!-- results:end -->\noutro\n"))
         self.assertNotIn("old table", readme)
-        self.assertIn(text, readme)
+        compact = reproduce.render_compact(reproduce.summarize(reproduce.load_results(
+            os.path.join(self.dir, "results"))))
+        self.assertIn(compact, readme)  # the front page: compact tables; RESULTS.md: the full ones
+        self.assertNotIn("    python dml.py", readme)
         self.report()  # idempotent
         with open(self.readme) as f:
             self.assertEqual(f.read(), readme)
         with open(os.path.join(self.dir, "RESULTS.md")) as f:
             self.assertIn(text, f.read())
+
+    def test_compact_tables_for_the_front_page(self):
+        text = reproduce.render_compact(reproduce.summarize(reproduce.load_results(
+            os.path.join(self.dir, "results"))))
+        lines = text.splitlines()
+        self.assertIn("**`short`**: resnet32, real CIFAR-10 images (JPEG), 30 epochs, 2/3 seed(s); "
+                      "NVIDIA H100, 2025-01-03.", lines)
+        dml = "| dml | peer1 | 95.50 ± 1.00 | 96.50 ± 1.00 | +1.50 | 93.94 ± 0.07 | +0.68 |"
+        self.assertIn(dml, lines)
+        self.assertIn("| ffsd | leader | 95.00 ± 0.00 | 95.00 ± 0.00 | +1.00 | — | — |", lines)
+        tiny = text[text.index("**`tiny`**"):]
+        self.assertIn("| dml | peer1 | 46.00 | 47.00 | +6.00 |", tiny)  # synthetic: no paper column
+        self.assertNotIn("93.26", tiny.split("Top-1 %")[0])
+        self.assertIn("[RESULTS.md](RESULTS.md)", lines[-1])
 
 
 def section(text, grid):

@@ -1,0 +1,240 @@
+"""Assignment mode: blank the algorithm out of a method file for students, and grade their copy.
+
+The lines a student writes are marked in every method file (docs/assignments.md):
+
+    # ===== BEGIN ALGO: <name> =====          or    # ===== BEGIN ALGO: <name> -- <hint> =====
+    ... code and # ALGO: comments ...
+    # ===== END ALGO =====
+
+`make` keeps each region's markers and comment lines (the instructions) and replaces its code by
+`raise NotImplementedError("<function> [<name>]: <hint and comments>")`. `grade` imports a file as
+the method module and runs tests/grade/test_<method>.py against it; those tests call only the public
+functions (<method>_loss on hand-made tensors, build_model, train_step, evaluate) and read their
+outputs.
+
+    python tools/assignment.py make pcl                          # -> student/pcl.py
+    python tools/assignment.py make pcl --out hw/pcl.py --only "loss,phi(g)"
+    python tools/assignment.py grade pcl student/pcl.py          # one line per test, then the score
+    python tools/assignment.py list pcl                          # the marked regions
+"""
+import argparse
+import ast
+import importlib.util
+import os
+import re
+import sys
+import textwrap
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+METHODS = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]
+BEGIN = re.compile(r"^(\s*)# ===== BEGIN ALGO: (.+?)(?: -- (.+?))? =====\s*$")
+END = re.compile(r"^(\s*)# ===== END ALGO =====\s*$")
+WIDTH = 100
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def method_path(method):
+    if method not in METHODS:
+        fail(f"unknown method {method!r}; choices: {', '.join(METHODS)}")
+    return os.path.join(ROOT, f"{method}.py")
+
+
+def _owner(lines, i, indent):
+    """`Class.function` or `function` around line i (the nearest less indented defs above it)."""
+    names = []
+    for line in reversed(lines[:i]):
+        m = re.match(r"^(\s*)(?:def|class) (\w+)", line)
+        if m and len(m.group(1)) < indent:
+            names.insert(0, m.group(2))
+            indent = len(m.group(1))
+    return ".".join(names) or "module"
+
+
+def _is_code(line):
+    return bool(line.strip()) and not line.strip().startswith("#")
+
+
+def regions(text, path="<file>"):
+    """The marked regions: dicts with `begin`/`end` (0-based line indices of the two markers),
+    `indent`, `name`, `hint` and `owner`. A misplaced marker is a one-line error naming the line."""
+    lines, found, region = text.splitlines(), [], None
+    for i, line in enumerate(lines):
+        b, e, at = BEGIN.match(line), END.match(line), f"{path}:{i + 1}"
+        if b:
+            if region:
+                fail(f"{at}: BEGIN ALGO inside the region opened at line {region['begin'] + 1}")
+            region = {"begin": i, "indent": b.group(1), "name": b.group(2).strip(),
+                      "hint": b.group(3) or "", "owner": _owner(lines, i, len(b.group(1)))}
+        elif e:
+            if not region:
+                fail(f"{at}: END ALGO without a BEGIN ALGO")
+            opened = region["begin"] + 1
+            if e.group(1) != region["indent"]:
+                fail(f"{at}: END ALGO indented unlike its BEGIN ALGO (line {opened})")
+            if not any(_is_code(ln) for ln in lines[region["begin"] + 1:i]):
+                fail(f"{at}: the region opened at line {opened} holds no code")
+            found.append({**region, "end": i})
+            region = None
+    if region:
+        fail(f"{path}:{region['begin'] + 1}: BEGIN ALGO without an END ALGO")
+    return found
+
+
+def _message(region, comments):
+    """The NotImplementedError text: the function, the region, then its hint and comments."""
+    said = [region["hint"]] + [re.sub(r"^(ALGO|NOTE\(deviation\)):\s*", "", c) for c in comments]
+    text = f"{region['owner']} [{region['name']}]: " + (" ".join(s for s in said if s)
+                                                       or "see the docstring")
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def _raise(msg, indent):
+    """`raise NotImplementedError(...)`, the message split into string literals that fit WIDTH."""
+    chunks = textwrap.wrap(msg, WIDTH - len(indent) - 6, drop_whitespace=False,
+                           break_on_hyphens=False)
+    assert "".join(chunks) == msg
+    quoted = ['"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks]
+    return ([f"{indent}raise NotImplementedError("] + [f"{indent}    {q}" for q in quoted[:-1]]
+            + [f"{indent}    {quoted[-1]})"])
+
+
+def blank(text, method, only=None, path="<file>"):
+    """The student copy of a method file's text: every region (or those named in `only`) keeps its
+    markers and comment lines; its code becomes one `raise NotImplementedError(...)`."""
+    lines, out, at = text.splitlines(), [], 0
+    found = regions(text, path)
+    names = [r["name"] for r in found]
+    for name in only or []:
+        if name not in names:
+            fail(f"no region {name!r} in {method}.py; regions: {', '.join(names)}")
+    for r in found:
+        if only and r["name"] not in only:
+            continue
+        body = lines[r["begin"] + 1:r["end"]]
+        comments = [ln.strip()[1:].strip() for ln in body if ln.strip().startswith("#")]
+        out += lines[at:r["begin"] + 1]
+        out += [f"{r['indent']}# {c}".rstrip() for c in comments]
+        out += _raise(_message(r, comments), r["indent"])
+        at = r["end"]
+    out += lines[at:]
+    # A note right after the module docstring (which stays the module's __doc__).
+    doc_end = ast.parse(text).body[0].end_lineno if text.lstrip().startswith('"""') else 0
+    note = [f"# ASSIGNMENT: a copy of {method}.py whose marked regions (BEGIN ALGO ... END ALGO)",
+            "# raise NotImplementedError. Write each one following its comments and the header",
+            f"# above, then grade it: make grade METHOD={method} FILE=<this file>. Run it from the",
+            "# repository root: PYTHONPATH=. python <this file> --arch resnet8 --dataset fake ..."]
+    return "\n".join(out[:doc_end] + note + out[doc_end:]) + "\n"
+
+
+def make(method, out, only=None):
+    with open(method_path(method)) as f:
+        text = f.read()
+    student = blank(text, method, only, path=f"{method}.py")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out + ".tmp", "w") as f:
+        f.write(student)
+    os.replace(out + ".tmp", out)
+    n = len(only) if only else len(regions(text))
+    print(f"wrote {out}: {n} region(s) of {method}.py to write; "
+          f"grade it with: make grade METHOD={method} FILE={out}")
+
+
+def load(method, path):
+    """The file at `path` imported as the module `method` (the repository root on sys.path for
+    `common`, tests/ for the grading tests' helpers)."""
+    for d in (ROOT, TESTS):
+        if d not in sys.path:
+            sys.path.insert(0, d)
+    spec = importlib.util.spec_from_file_location(method, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reason(traceback_text):
+    """A traceback's exception, as one line (`NotImplementedError: dml_loss [loss]: ...`)."""
+    lines = [ln.strip() for ln in traceback_text.strip().splitlines() if ln.strip()]
+    heads = [i for i, ln in enumerate(lines) if re.match(r"^\w[\w.]*(Error|Exception|Exit)\b", ln)]
+    return " ".join(lines[heads[-1] if heads else -1:])
+
+
+def _flatten(suite):
+    for t in suite:
+        yield from (_flatten(t) if isinstance(t, unittest.TestSuite) else [t])
+
+
+def grade(method, path):
+    """Run tests/grade/test_<method>.py against the file at `path`. Returns {test name: (what it
+    checks, None if it passed or the one-line reason it failed)} in the tests' order."""
+    method_path(method)
+    if not os.path.isfile(path):
+        fail(f"no file {path!r} to grade")
+    saved = sys.modules.get(method)
+    try:
+        try:
+            sys.modules[method] = load(method, path)
+        except Exception as e:  # a syntax error or a failing import: one line, no traceback
+            where = f" (line {e.lineno})" if isinstance(e, SyntaxError) else ""
+            return {"import": (f"import {path}", f"{type(e).__name__}{where}: {e}")}
+        tests_file = os.path.join(TESTS, "grade", f"test_{method}.py")
+        spec = importlib.util.spec_from_file_location(f"grade_{method}", tests_file)
+        tests = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tests)  # its `import <method>` finds the file under test
+        suite = unittest.defaultTestLoader.loadTestsFromModule(tests)
+        cases = [(t.id(), t.shortDescription() or "") for t in _flatten(suite)]  # before the run
+        result = unittest.TestResult()
+        suite.run(result)
+    finally:
+        if saved is None:
+            sys.modules.pop(method, None)
+        else:
+            sys.modules[method] = saved
+    bad = {t.id(): _reason(tb) for t, tb in result.failures + result.errors}
+    return {i.split(".", 1)[1]: (doc, bad.get(i)) for i, doc in cases}
+
+
+def report(method, path, outcome, verbose=False):
+    """One line per test (a failure adds what the test checks and why it failed), then the score."""
+    passed = sum(reason is None for _, reason in outcome.values())
+    for name, (doc, reason) in outcome.items():
+        if reason is None:
+            print(f"  ok    {name}")
+            continue
+        print(f"  FAIL  {name}" + (f": {doc}" if doc else ""))
+        print(f"        {reason if verbose or len(reason) <= 160 else reason[:157] + '...'}")
+    print(f"{method}: {passed} of {len(outcome)} grading tests pass ({path})")
+    return 0 if passed == len(outcome) else 1
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("action", choices=["make", "grade", "list"])
+    p.add_argument("method", nargs="?", default="", help=f"one of: {', '.join(METHODS)}")
+    p.add_argument("file", nargs="?", default="",
+                   help="grade: the student's file (default student/<method>.py)")
+    p.add_argument("--out", default="", help="make: where to write (default student/<method>.py)")
+    p.add_argument("--only", default="", help="make: comma-separated names of the regions to blank")
+    p.add_argument("-v", "--verbose", action="store_true", help="grade: print the reasons in full")
+    a = p.parse_args(argv)
+    if not a.method:
+        target = {"make": "assignment"}.get(a.action, a.action)
+        fail(f"which method? make {target} METHOD=<one of {', '.join(METHODS)}>")
+    default = os.path.join("student", f"{a.method}.py")
+    if a.action == "list":
+        with open(method_path(a.method)) as f:
+            for r in regions(f.read(), f"{a.method}.py"):
+                print(f"  {a.method}.py:{r['begin'] + 1:<5} {r['owner']:<24} {r['name']}")
+        return 0
+    if a.action == "make":
+        make(a.method, a.out or default, [s.strip() for s in a.only.split(",") if s.strip()])
+        return 0
+    return report(a.method, a.file or default, grade(a.method, a.file or default), a.verbose)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
