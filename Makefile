@@ -1,8 +1,11 @@
 PY ?= python3
 METHODS = dml one okddip pcl ffsd
 GRID ?= short
+OUT ?= runs/gpu-check
+NPZ ?= $(wildcard local/cifar10_jpeg.npz)
+BUDGET ?= 460
 
-.PHONY: help install test smoke diff bench reproduce report
+.PHONY: help install test smoke diff bench reproduce report gpu-check gpu-ingest
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -28,3 +31,9 @@ reproduce: ## run the results grid GRID (tiny, short, table1, table1-jpeg; DATA_
 
 report: ## render results/ into RESULTS.md and README.md's results section
 	$(PY) tools/reproduce.py report
+
+gpu-check: ## the prepared GPU check (< 8 min) into OUT (env OUT, else runs/gpu-check); NPZ=archive; docs/gpu-check.md
+	$(PY) tools/gpu_check.py run --out $(OUT) --budget $(BUDGET) $(if $(NPZ),--npz $(NPZ))
+
+gpu-ingest: ## turn a copied-back gpu-check folder (OUT=...) into results/, runs/, the speed and results tables
+	$(PY) tools/gpu_check.py ingest $(OUT)
