@@ -408,7 +408,7 @@ class TestParts(unittest.TestCase):
         lines = []
         t0 = time.time()
         code = "import time; print('up', flush=True); time.sleep(60)"
-        rc, timed_out, tail = gpu_check.child(["-c", code], 2,
+        rc, timed_out, tail = gpu_check.child(["-c", code], 4,
                                               lambda line, echo=False: lines.append(line), "t")
         self.assertLess(time.time() - t0, 20)
         self.assertTrue(timed_out)
