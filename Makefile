@@ -32,8 +32,8 @@ reproduce: ## run the results grid GRID (tiny, short, table1, table1-jpeg; DATA_
 report: ## render results/ into RESULTS.md and README.md's results section
 	$(PY) tools/reproduce.py report
 
-gpu-check: ## the prepared GPU check (< 8 min) into OUT (env OUT, else runs/gpu-check); NPZ=archive; docs/gpu-check.md
+gpu-check: ## the GPU check (< 8 min) into OUT (env OUT, else runs/gpu-check); NPZ=archive; docs/gpu-check.md
 	$(PY) tools/gpu_check.py run --out $(OUT) --budget $(BUDGET) $(if $(NPZ),--npz $(NPZ))
 
-gpu-ingest: ## turn a copied-back gpu-check folder (OUT=...) into results/, runs/, the speed and results tables
+gpu-ingest: ## a copied-back gpu-check folder (OUT=...) -> results/, runs/, speed and results tables
 	$(PY) tools/gpu_check.py ingest $(OUT)
