@@ -1,8 +1,11 @@
 PY ?= python3
 METHODS = dml one okddip pcl ffsd
 GRID ?= short
+OUT ?= runs/gpu-check
+NPZ ?= $(wildcard local/cifar10_jpeg.npz)
+BUDGET ?= 460
 
-.PHONY: help install test smoke diff bench reproduce report assignment grade
+.PHONY: help install test smoke diff bench reproduce report assignment grade gpu-check gpu-ingest
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -36,3 +39,9 @@ assignment: ## student copy of METHOD=<method> with its algorithm regions blanke
 
 grade: ## grade a student file with the method's tests: make grade METHOD=pcl FILE=student/pcl.py
 	$(PY) tools/assignment.py grade $(METHOD) $(FILE)
+
+gpu-check: ## the GPU check (< 8 min) into OUT (env OUT, else runs/gpu-check); NPZ=archive; docs/gpu-check.md
+	$(PY) tools/gpu_check.py run --out $(OUT) --budget $(BUDGET) $(if $(NPZ),--npz $(NPZ))
+
+gpu-ingest: ## a copied-back gpu-check folder (OUT=...) -> results/, runs/, speed and results tables
+	$(PY) tools/gpu_check.py ingest $(OUT)

@@ -219,6 +219,11 @@ def main(argv=None):
     skipped = sorted(set(opt.archs.split(",")) - set(archs)) + sorted(set(opt.methods.split(",")) - set(names))
     env = (f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} | torch {torch.__version__} | "
            f"{os.cpu_count()} CPUs | {opt.workers} workers | batch {opt.batch_size} | {opt.steps} steps x {opt.repeats}")
+
+    def save(rows, complete):
+        _save(opt, {"env": env, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+                    "settings": vars(opt), "rows": rows, "complete": complete}, quiet=not complete)
+
     print(f"bench | {env} | {datetime.date.today().isoformat()}" + (f" | not available: {', '.join(skipped)}" if skipped else ""))
     print(f"{'method':<9} {'arch':<10} {'ref img/s':>10} {'okd img/s':>10} {'ratio':>6} {'ref s/ep':>9} {'okd s/ep':>9} "
           f"{'ref MiB':>8} {'okd MiB':>8}", flush=True)
@@ -234,21 +239,22 @@ def main(argv=None):
             row = {"method": name, "arch": arch, "ref": med["ref"], "okd": med["okd"],
                    "ratio": med["okd"]["images_per_s"] / med["ref"]["images_per_s"]}
             rows.append(row)
+            save(rows, complete=False)  # a run stopped part-way keeps the rows measured so far
             ep = lambda k: 50000 / med[k]["images_per_s"]  # noqa: E731  (seconds per 50k-image epoch)
             print(f"{name:<9} {arch:<10} {med['ref']['images_per_s']:>10.0f} {med['okd']['images_per_s']:>10.0f} "
                   f"{row['ratio']:>5.2f}x {ep('ref'):>9.1f} {ep('okd'):>9.1f} {mib(med['ref']):>8} {mib(med['okd']):>8}",
                   flush=True)
-    _save(opt, {"env": env, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-                "settings": vars(opt), "rows": rows})
+    save(rows, complete=True)
     return rows
 
 
-def _save(opt, obj):
+def _save(opt, obj, quiet=False):
     os.makedirs(os.path.dirname(opt.out) or ".", exist_ok=True)
     with open(opt.out + ".tmp", "w") as fh:
         json.dump(obj, fh, indent=1)
     os.replace(opt.out + ".tmp", opt.out)
-    print(f"wrote {opt.out}")
+    if not quiet:
+        print(f"wrote {opt.out}")
 
 
 if __name__ == "__main__":

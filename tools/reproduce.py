@@ -328,13 +328,16 @@ def check_data_folder(data_dir):
 # 2. The report: results/ -> markdown tables
 # =====================================================================================================
 def load_results(results_dir):
+    """Every run record under results/<grid>/ (other JSON there, e.g. results/gpu-check/, is not a run)."""
     out = []
     for grid in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
         d = os.path.join(results_dir, grid)
         for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
             if name.endswith(".json"):
                 with open(os.path.join(d, name)) as f:
-                    out.append(json.load(f))
+                    record = json.load(f)
+                if isinstance(record, dict) and "grid" in record and "test_acc" in record:
+                    out.append(record)
     return out
 
 
