@@ -1,7 +1,6 @@
 PY ?= python3
 METHODS = dml one okddip pcl ffsd
 GRID ?= short
-OUT ?= runs/gpu-check
 NPZ ?= $(wildcard local/cifar10_jpeg.npz)
 BUDGET ?= 460
 
@@ -41,7 +40,7 @@ grade: ## grade a student file with the method's tests: make grade METHOD=pcl FI
 	$(PY) tools/assignment.py grade $(METHOD) $(FILE)
 
 gpu-check: ## the GPU check (< 8 min) into OUT (env OUT, else runs/gpu-check); NPZ=archive; docs/gpu-check.md
-	$(PY) tools/gpu_check.py run --out $(OUT) --budget $(BUDGET) $(if $(NPZ),--npz $(NPZ))
+	$(PY) tools/gpu_check.py run --out $(or $(OUT),runs/gpu-check) --budget $(BUDGET) $(if $(NPZ),--npz $(NPZ))
 
 gpu-ingest: ## a copied-back gpu-check folder (OUT=...) -> results/, runs/, speed and results tables
-	$(PY) tools/gpu_check.py ingest $(OUT)
+	$(PY) tools/gpu_check.py ingest $(or $(OUT),runs/gpu-check)
