@@ -210,6 +210,7 @@ def launch(argv, log_path, quiet, threads=0, deadline=None):
         try:
             for line in p.stdout:
                 log.write(line)
+                log.flush()  # the log follows the run (tail -f), not only its end
                 if not quiet:
                     print("    " + line, end="", flush=True)
         except KeyboardInterrupt:  # Ctrl-C reached the child too: let it stop, then stop the grid
