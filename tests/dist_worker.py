@@ -1,10 +1,10 @@
 """Started by test_distributed under torchrun (not a test module itself):
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py DUMP RUNS_JSON
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py DUMP RUNS
 
-RUNS_JSON = [[name, method, [flags...]], ...]: each run is `<method>.py flags` as a user starts it (its
-main(), in the same process group one after the other); when its fit() returns, every process saves its
-model's state_dict to DUMP/<name>-rank<r>.pt, so the test can compare the processes and a reference.
+RUNS = JSON [[name, method, [flags...]], ...]: each run is `<method>.py flags` as a user starts it
+(its main(), in the same process group, one after the other); when its fit() returns, every process
+saves its model's state_dict to DUMP/<name>-rank<r>.pt, to compare processes and a reference.
 """
 import importlib
 import json

@@ -29,7 +29,8 @@ def run_module(name):
 
 
 # The longest modules start first, so the two workers finish together (the rest follow in name order).
-SLOW_FIRST = ["test_reliability", "test_matrix_b", "test_matrix_a", "test_baseline", "test_errors", "test_reproduce"]
+SLOW_FIRST = ["test_reliability", "test_matrix_b", "test_matrix_a", "test_baseline", "test_errors", "test_reproduce",
+              "test_distributed", "test_beyond"]
 
 
 def main(names):

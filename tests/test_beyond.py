@@ -1,7 +1,7 @@
-"""Beyond CIFAR (common.py section 6 and its hooks): folders of any image size (64 px: crop padding 8, every
-backbone, FFSD's taps and SD modules, a run of every method), the Tiny-ImageNet converter, folders streamed
-from disk (ImageNet's crop and test transforms, epoch / seed / resume semantics, per-process shares), the
-ImageNet ResNet-18/34, the LR warm-up and the ImageNet recipe."""
+"""Beyond CIFAR (common.py section 6 and its hooks): folders of any image size (64 px: crop padding
+8, every backbone, FFSD's taps and SD modules, a run of every method), the Tiny-ImageNet converter,
+folders streamed from disk (ImageNet's crop and test transforms, epoch / seed / resume semantics,
+per-process shares), the ImageNet ResNet-18/34, the LR warm-up and the ImageNet recipe."""
 import copy
 import importlib
 import json
@@ -26,9 +26,9 @@ from test_backbones import STAGES
 METHODS = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]
 
 
-def write_folder(root, size=(64, 64), n_train=8, n_test=4, classes=("cat", "dog"), fmt="png", seed=0):
-    """root/{train,test}/<class>/<i>.<fmt>: random images, each class in its own brightness range."""
-    g = torch.Generator().manual_seed(seed)
+def write_folder(root, size=(64, 64), n_train=8, n_test=4, classes=("cat", "dog"), fmt="png"):
+    """root/{train,test}/<class>/<i>.<fmt>: random images, each class in its own brightness."""
+    g = torch.Generator().manual_seed(0)
     for split, n in (("train", n_train), ("test", n_test)):
         for c, name in enumerate(classes):
             os.makedirs(os.path.join(root, split, name), exist_ok=True)
@@ -40,7 +40,7 @@ def write_folder(root, size=(64, 64), n_train=8, n_test=4, classes=("cat", "dog"
 
 
 def old_augment(x, data, gen, pad_mode="zero"):
-    """augment() as it was before it followed the image size (32 x 32 only): the reference for 32 px."""
+    """augment() before it followed the image size (32 x 32 only): the reference at 32 px."""
     B, dev = x.shape[0], x.device
     xp = F.pad(x.float() / 255, (4, 4, 4, 4), mode="constant" if pad_mode == "zero" else "reflect")
     oy, ox = (torch.randint(0, 9, (B,), generator=gen, device=dev) for _ in range(2))
@@ -48,8 +48,9 @@ def old_augment(x, data, gen, pad_mode="zero"):
     i = torch.arange(32, device=dev)
     rows = oy[:, None] + i
     cols = ox[:, None] + torch.where(flip[:, None], 31 - i, i)
-    out = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
-             rows[:, None, :, None], cols[:, None, None, :]]
+    out = xp[torch.arange(B, device=dev)[:, None, None, None],
+             torch.arange(3, device=dev)[None, :, None, None], rows[:, None, :, None],
+             cols[:, None, None, :]]
     return (out - data.mean) / data.std
 
 
@@ -63,11 +64,13 @@ class TestAugmentAnySize(unittest.TestCase):
     def test_32px_is_bit_identical_to_the_previous_augment(self):
         x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
         data = plain_data(x)
-        data.mean, data.std = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1), torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1)
+        data.mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+        data.std = torch.tensor([0.2, 0.3, 0.25]).view(1, 3, 1, 1)
         for mode in ("zero", "reflect"):
             g_new, g_old = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-            self.assertTrue(torch.equal(common.augment(x, data, g_new, mode), old_augment(x, data, g_old, mode)))
-            self.assertTrue(torch.equal(g_new.get_state(), g_old.get_state()))  # the same draws, in order
+            new, old = common.augment(x, data, g_new, mode), old_augment(x, data, g_old, mode)
+            self.assertTrue(torch.equal(new, old))
+            self.assertTrue(torch.equal(g_new.get_state(), g_old.get_state()))  # same draws
 
     def test_64px_pads_by_8_and_non_square_by_side_over_8(self):
         for H, W in ((64, 64), (32, 64)):
@@ -78,8 +81,9 @@ class TestAugmentAnySize(unittest.TestCase):
             padded = F.pad(x.float() / 255, (pw, pw, ph, ph))
             offsets = []
             for b in range(6):
-                found = [(oy, ox) for oy in range(2 * ph + 1) for ox in range(2 * pw + 1) for f in (0, 1)
-                         if torch.equal(out[b], (lambda c: c.flip(-1) if f else c)(padded[b, :, oy:oy + H, ox:ox + W]))]
+                crop = lambda oy, ox, f: padded[b, :, oy:oy + H, ox:ox + W].flip(-1 if f else [])
+                found = [(oy, ox) for oy in range(2 * ph + 1) for ox in range(2 * pw + 1)
+                         for f in (0, 1) if torch.equal(out[b], crop(oy, ox, f))]
                 self.assertTrue(found, f"{H}x{W} image {b} is not a crop of its padded source")
                 offsets += [max(o) for o in found]
             self.assertGreater(max(offsets), 4)  # crops reach beyond the 32-px padding of 4
@@ -98,23 +102,28 @@ class TestFolderAnySize(unittest.TestCase):
     def test_64px_folder_in_memory_with_train_statistics(self):
         root = write_folder(tmpdir(self))
         d = common.load_data(self.args(root), "cpu")
-        self.assertEqual((tuple(d.train_x.shape), tuple(d.test_x.shape)), ((16, 3, 64, 64), (8, 3, 64, 64)))
+        self.assertEqual(tuple(d.train_x.shape), (16, 3, 64, 64))
+        self.assertEqual(tuple(d.test_x.shape), (8, 3, 64, 64))
         f = d.train_x.double() / 255
-        torch.testing.assert_close(d.mean.double(), f.mean(dim=(0, 2, 3), keepdim=True), rtol=0, atol=1e-6)
-        torch.testing.assert_close(d.std.double(), f.std(dim=(0, 2, 3), keepdim=True), rtol=0, atol=1e-6)
+        close = lambda a, b: torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-6)
+        close(d.mean, f.mean(dim=(0, 2, 3), keepdim=True))
+        close(d.std, f.std(dim=(0, 2, 3), keepdim=True))
         self.assertEqual(common.folder_loader(self.args(root)), "memory")
-        self.assertEqual(common.folder_loader(self.args(root, memory_budget_gb=1e-6)), "stream")  # 196,608 B
+        tight = self.args(root, memory_budget_gb=1e-6)  # 1,000 bytes < 16 x 3 x 64 x 64
+        self.assertEqual(common.folder_loader(tight), "stream")
         self.assertEqual(common.folder_loader(self.args(root, image_size=32)), "stream")
 
     def test_one_size_per_split_and_sides_of_32(self):
         root = write_folder(tmpdir(self))
-        write_png(torch.zeros(3, 96, 96, dtype=torch.uint8), os.path.join(root, "train", "dog", "9.png"))
+        odd = os.path.join(root, "train", "dog", "9.png")
+        write_png(torch.zeros(3, 96, 96, dtype=torch.uint8), odd)
+        first = os.path.join(root, "train", "cat", "0.png")
         msg = self.load_error(root)
-        self.assertIn(f"image {os.path.join(root, 'train', 'dog', '9.png')!r} is 96x96, expected 64x64 like "
-                      f"{os.path.join(root, 'train', 'cat', '0.png')!r}", msg)
+        self.assertIn(f"image {odd!r} is 96x96, expected 64x64 like {first!r}", msg)
         root = write_folder(tmpdir(self))  # 64 px train split, 32 px test split
         shutil.rmtree(os.path.join(root, "test"))
-        os.rename(os.path.join(write_folder(os.path.join(root, "small"), size=(32, 32)), "test"), os.path.join(root, "test"))
+        small = write_folder(os.path.join(root, "small"), size=(32, 32))
+        os.rename(os.path.join(small, "test"), os.path.join(root, "test"))
         self.assertIn("is 32x32, expected 64x64 like the train split", self.load_error(root))
         self.assertIn("is 48x48, expected 32x32, 64x64 or another square",
                       self.load_error(write_folder(tmpdir(self), size=(48, 48))))
@@ -122,10 +131,11 @@ class TestFolderAnySize(unittest.TestCase):
                       self.load_error(write_folder(tmpdir(self)), image_size=32, loader="memory"))
 
     def test_flag_errors(self):
-        for kw, needle in ((dict(image_size=48), "--image-size must be 0 (the data's own size) or a multiple of 32"),
-                           (dict(image_size=64, dataset="cifar10"), "--image-size 64: cifar10 images are 32x32"),
-                           (dict(loader="stream", dataset="fake"), "--loader stream reads an image folder"),
-                           (dict(lr_warmup_epochs=-1), "--lr-warmup-epochs must be >= 0")):
+        cases = ((dict(image_size=48), "--image-size must be 0 (the data's own size) or a"),
+                 (dict(image_size=64, dataset="cifar10"), "--image-size 64: cifar10 images are"),
+                 (dict(loader="stream", dataset="fake"), "--loader stream reads an image folder"),
+                 (dict(lr_warmup_epochs=-1), "--lr-warmup-epochs must be >= 0"))
+        for kw, needle in cases:
             with self.subTest(**kw), self.assertRaises(SystemExit) as e:
                 common.check_args(common.TrainArgs(**kw))
             self.assertIn(needle, str(e.exception))
@@ -134,8 +144,9 @@ class TestFolderAnySize(unittest.TestCase):
         x = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
         mean, std = common.channel_stats(x, chunk=3)
         f = x.double() / 255
-        torch.testing.assert_close(mean.double(), f.mean(dim=(0, 2, 3), keepdim=True), rtol=0, atol=1e-7)
-        torch.testing.assert_close(std.double(), f.std(dim=(0, 2, 3), keepdim=True), rtol=0, atol=1e-7)
+        close = lambda a, b: torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-7)
+        close(mean, f.mean(dim=(0, 2, 3), keepdim=True))
+        close(std, f.std(dim=(0, 2, 3), keepdim=True))
 
 
 class TestNetworksAt64(unittest.TestCase):
@@ -146,7 +157,8 @@ class TestNetworksAt64(unittest.TestCase):
                 net = common.build_backbone(arch, 10).eval()
                 with torch.no_grad():
                     maps, logits = net.features(x), net(x)
-                self.assertEqual([tuple(m.shape[1:]) for m in maps], [(c, 2 * h, 2 * w) for c, h, w in shapes])
+                doubled = [(c, 2 * h, 2 * w) for c, h, w in shapes]
+                self.assertEqual([tuple(m.shape[1:]) for m in maps], doubled)
                 self.assertEqual(tuple(logits.shape), (1, 10))
 
     def test_vgg_adaptive_final_pool_is_the_old_max_pool_at_32px(self):
@@ -162,7 +174,7 @@ class TestNetworksAt64(unittest.TestCase):
         ffsd = importlib.import_module("ffsd")
         args = ffsd.Args(arch="resnet8", device="cpu")
         x, y = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
-        first_side = {"resnet8": 64, "vgg16": 16, "densenet40_12": 32, "resnet18": 16}  # stage-1 map at 64 px
+        first_side = {"resnet8": 64, "vgg16": 16, "densenet40_12": 32, "resnet18": 16}  # stage 1
         shapes = lambda maps: [tuple(m.shape) for m in maps]
         for arch, side in first_side.items():
             with self.subTest(arch=arch):
@@ -170,8 +182,9 @@ class TestNetworksAt64(unittest.TestCase):
                 out = ffsd.FFSD(arch, 10, 2)(x)
                 self.assertEqual(out["feats"][1][0].shape[-1], side)
                 # every SD module rebuilds its network's shallow stage maps at their 64-px sizes
-                self.assertEqual(shapes(out["sd_teach"][0]), shapes(out["feats"][1][:-1]))  # student 2's
-                self.assertEqual(shapes(out["sd_fit"][0]), shapes(out["feats"][1][:-1]))
+                student2 = shapes(out["feats"][1][:-1])
+                self.assertEqual(shapes(out["sd_teach"][0]), student2)
+                self.assertEqual(shapes(out["sd_fit"][0]), student2)
                 self.assertEqual(shapes(out["sd_teach_ld"]), shapes(out["feats_ld"][:-1]))
                 self.assertEqual(shapes(out["sd_fit"][1]), shapes(out["feats_ld"][:-1]))
                 loss, _ = ffsd.ffsd_loss(out, y, args, 1.0)
@@ -189,27 +202,29 @@ class TestImageNetResNets(unittest.TestCase):
                 tv = getattr(torchvision.models, arch)(weights=None).eval()
                 self.assertEqual(common.num_params(net), n)
                 self.assertEqual(common.num_params(tv), n)
-                self.assertEqual((net.widths, net.split, net.feature_dim), ([64, 128, 256, 512], 3, 512))
+                self.assertEqual((net.widths, net.split), ([64, 128, 256, 512], 3))
                 x = torch.randn(1, 3, 64, 64)
                 with torch.no_grad():
-                    self.assertTrue(torch.equal(net(x), tv(x)))  # the same definition and initialisation
+                    self.assertTrue(torch.equal(net(x), tv(x)))  # same definition, same init
 
     def test_every_method_steps_on_resnet18(self):
-        # At 64 px: FFSD's diversity target needs a last map of at least 3 positions (7x7 at 224 px; 1x1 at 32).
+        # At 64 px: FFSD's diversity target needs a last map of 3 positions or more (1x1 at 32 px).
         torch.manual_seed(0)
         for name in METHODS:
             with self.subTest(method=name):
                 method = importlib.import_module(name)
                 args = method.Args(arch="resnet18", dataset="fake", device="cpu", batch_size=4)
                 run = fake_run(args, n=4)
-                x = F.interpolate((run.data.train_x.float() / 255 - run.data.mean) / run.data.std, size=64)
+                x = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std
+                x = F.interpolate(x, size=64)
                 model = method.build_model(args, 10)
                 opts = method.build_optimizers(model, args)
                 before = [p.detach().clone() for p in model.parameters()]
                 views = [x] * getattr(args, "num_peers", 1) if name == "pcl" else x
                 logs = method.train_step(model, opts, views, run.data.train_y, 0, 0, run)
                 self.assertTrue(torch.isfinite(logs["loss"]))
-                moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters()) if p.requires_grad]
+                moved = [not torch.equal(b, p) for b, p in zip(before, model.parameters())
+                         if p.requires_grad]
                 self.assertGreater(sum(moved) / len(moved), 0.9)
 
 
@@ -219,8 +234,9 @@ class TestEveryMethodAt64(unittest.TestCase):
         for name in METHODS:
             with self.subTest(method=name):
                 method = importlib.import_module(name)
-                args = method.Args(arch="resnet8", dataset="folder", data_dir=root, epochs=1, batch_size=8,
-                                   device="cpu", out=os.path.join(tmpdir(self), "run"))
+                out = os.path.join(tmpdir(self), "run")
+                args = method.Args(arch="resnet8", dataset="folder", data_dir=root, epochs=1,
+                                   batch_size=8, device="cpu", out=out)
                 seen = []
 
                 def recording(model, optimizers, x, *a, _step=method.train_step):
@@ -238,7 +254,7 @@ class TestEveryMethodAt64(unittest.TestCase):
 
 class TestTinyImageNetConverter(unittest.TestCase):
     def make_tiny(self, root):
-        """A miniature of Tiny-ImageNet's layout: 3 classes, 2 train and 2 val images each, 64x64 JPEGs."""
+        """A miniature of Tiny-ImageNet's layout: 3 classes, 2 train and 2 val 64x64 JPEGs each."""
         g, notes = torch.Generator().manual_seed(0), []
         wnids = ["n01443537", "n01629819", "n01641577"]
         os.makedirs(os.path.join(root, "val", "images"))
@@ -250,31 +266,38 @@ class TestTinyImageNetConverter(unittest.TestCase):
             for i in range(2):
                 img = (torch.rand(3, 64, 64, generator=g) * 60 + 90 * c).to(torch.uint8)
                 write_jpeg(img, os.path.join(root, "train", wnid, "images", f"{wnid}_{i}.JPEG"))
-        for k, c in enumerate([2, 0, 1, 2, 1, 0]):  # val images in no class order, as in the real file
-            write_jpeg(torch.full((3, 64, 64), 90 * c, dtype=torch.uint8), os.path.join(root, "val", "images", f"val_{k}.JPEG"))
+        for k, c in enumerate([2, 0, 1, 2, 1, 0]):  # val images in no class order, as in the file
+            grey = torch.full((3, 64, 64), 90 * c, dtype=torch.uint8)
+            write_jpeg(grey, os.path.join(root, "val", "images", f"val_{k}.JPEG"))
             notes.append(f"val_{k}.JPEG\t{wnids[c]}\t0\t0\t63\t63\n")
-        write_jpeg(torch.zeros(3, 64, 64, dtype=torch.uint8), os.path.join(root, "test", "images", "test_0.JPEG"))
+        black = torch.zeros(3, 64, 64, dtype=torch.uint8)
+        write_jpeg(black, os.path.join(root, "test", "images", "test_0.JPEG"))
         with open(os.path.join(root, "val", "val_annotations.txt"), "w") as f:
             f.writelines(notes)
         return wnids
 
     def convert(self, *argv):
-        return subprocess.run([sys.executable, os.path.join("tools", "tinyimagenet_to_folder.py"), *argv], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+        tool = os.path.join("tools", "tinyimagenet_to_folder.py")
+        return subprocess.run([sys.executable, tool, *argv], cwd=ROOT, capture_output=True,
+                              text=True, timeout=60)
 
     def test_converts_the_layout_and_loads_at_64px(self):
-        src, dst = os.path.join(tmpdir(self), "tiny-imagenet-200"), os.path.join(tmpdir(self), "tiny")
+        src = os.path.join(tmpdir(self), "tiny-imagenet-200")
+        dst = os.path.join(tmpdir(self), "tiny")
         wnids = self.make_tiny(src)
         res = self.convert(src, dst)
         self.assertEqual(res.returncode, 0, res.stderr)
         self.assertIn("3 classes, 6 train / 6 test images", res.stdout)
-        self.assertEqual(sorted(os.listdir(os.path.join(dst, "test", wnids[2]))), ["val_0.JPEG", "val_3.JPEG"])
+        self.assertEqual(sorted(os.listdir(os.path.join(dst, "test", wnids[2]))),
+                         ["val_0.JPEG", "val_3.JPEG"])
         d = common.load_data(common.TrainArgs(dataset="folder", data_dir=dst, device="cpu"), "cpu")
         self.assertEqual(d.classes, wnids)
-        self.assertEqual((tuple(d.train_x.shape), d.test_y.tolist()), ((6, 3, 64, 64), [0, 0, 1, 1, 2, 2]))
+        self.assertEqual(tuple(d.train_x.shape), (6, 3, 64, 64))
+        self.assertEqual(d.test_y.tolist(), [0, 0, 1, 1, 2, 2])
         self.assertLess(abs(d.test_x[4].float().mean().item() - 180), 3)  # val_0: class 2, grey 180
         res = self.convert(src, dst)  # refuses to overwrite
-        self.assertEqual((res.returncode, res.stderr.strip()), (1, f"error: {dst!r} already exists; choose a new folder"))
+        self.assertEqual((res.returncode, res.stderr.strip()),
+                         (1, f"error: {dst!r} already exists; choose a new folder"))
 
     def test_bad_annotations_one_line(self):
         src = os.path.join(tmpdir(self), "tiny-imagenet-200")
@@ -283,11 +306,12 @@ class TestTinyImageNetConverter(unittest.TestCase):
             f.write("val_9.JPEG\tn01443537\t0\t0\t63\t63\n")
         res = self.convert(src, os.path.join(tmpdir(self), "out"))
         self.assertEqual(res.returncode, 1)
-        self.assertRegex(res.stderr.strip(), r"^error: .*val_annotations.txt' line 7: .*val_9.JPEG' not found$")
+        self.assertRegex(res.stderr.strip(),
+                         r"^error: .*val_annotations.txt' line 7: .*val_9.JPEG' not found$")
 
 
 def rrc_reference(H, W, u, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params (v0.2x, explicit loop), its random draws replaced by u."""
+    """torchvision's RandomResizedCrop.get_params (an explicit loop), its draws replaced by u."""
     area, log_ratio = H * W, (math.log(ratio[0]), math.log(ratio[1]))
     for t in range(10):
         target_area = area * (scale[0] + (scale[1] - scale[0]) * u[t])
@@ -310,16 +334,18 @@ class TestStream(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls._dir = tempfile.TemporaryDirectory()
-        # "full-size" photos: 2 classes x 4 train, 2 test, 120x160 JPEGs (trained at 64 px to stay cheap)
-        cls.root = write_folder(os.path.join(cls._dir.name, "jpg"), size=(120, 160), n_train=4, n_test=2, fmt="jpg")
+        # "full-size" photos: 2 classes x 4 train, 2 test, 120x160 JPEGs (64 px crops: cheap)
+        cls.root = write_folder(os.path.join(cls._dir.name, "jpg"), size=(120, 160), n_train=4,
+                                n_test=2, fmt="jpg")
 
     @classmethod
     def tearDownClass(cls):
         cls._dir.cleanup()
 
     def args(self, **kw):
-        return common.TrainArgs(**{**dict(dataset="folder", data_dir=self.root, image_size=64, batch_size=4,
-                                          device="cpu", arch="resnet8", epochs=2), **kw})
+        base = dict(dataset="folder", data_dir=self.root, image_size=64, batch_size=4, device="cpu",
+                    arch="resnet8", epochs=2)
+        return common.TrainArgs(**{**base, **kw})
 
     def run_of(self, args):
         data = common.load_data(args, torch.device("cpu"))
@@ -328,13 +354,13 @@ class TestStream(unittest.TestCase):
     def test_random_resized_crop_boxes_are_torchvisions(self):
         g = torch.Generator().manual_seed(0)
         hw = torch.cat([torch.randint(20, 400, (300, 2), generator=g),
-                        torch.tensor([[10, 1000], [1000, 10], [50, 60], [375, 500]])])  # + no-fit cases
+                        torch.tensor([[10, 1000], [1000, 10], [50, 60], [375, 500]])])
         u = torch.rand(len(hw), 22, generator=g, dtype=torch.float64)
         u[300:302, :10] = 0.99  # extreme aspect, large areas: no try fits, the central fallback
         boxes = common.rrc_boxes(hw, u).tolist()
         for (H, W), uu, box in zip(hw.tolist(), u.tolist(), boxes):
             self.assertEqual(box, rrc_reference(H, W, uu), (H, W))
-        self.assertEqual(boxes[300], [0, 493, 10, 13])  # 10 x 1000: whole height, width at ratio 4/3
+        self.assertEqual(boxes[300], [0, 493, 10, 13])  # 10 x 1000: full height, aspect 4/3
 
     def test_crop_and_test_transforms_are_torchvisions(self):
         import torchvision.transforms.v2.functional as TF
@@ -342,24 +368,28 @@ class TestStream(unittest.TestCase):
         out = common.crop_resize(img, (10, 20, 90, 70), 64)
         ref = TF.resized_crop(img.float(), 10, 20, 90, 70, [64, 64], antialias=True)
         torch.testing.assert_close(out[0], ref, rtol=0, atol=1e-4)
-        ref = TF.center_crop(TF.resize(img.float(), [73], antialias=True), [64, 64])  # 73 = 256 * 64 / 224
+        # 73 = round(256 * 64 / 224)
+        ref = TF.center_crop(TF.resize(img.float(), [73], antialias=True), [64, 64])
         torch.testing.assert_close(common.center_crop(img, 64)[0], ref, rtol=0, atol=1e-4)
 
     def test_streamed_batches_statistics_and_seed_semantics(self):
         run = self.run_of(self.args())
         data = run.data
         self.assertIsInstance(data, common.StreamData)
-        self.assertEqual((len(data.train_files), data.test_y.tolist(), data.size), (8, [0, 0, 1, 1], 64))
-        crops = torch.cat([common.center_crop(common._load(p, False), 64) for p in data.train_files]).double() / 255
-        torch.testing.assert_close(data.mean.double(), crops.mean(dim=(0, 2, 3), keepdim=True), rtol=0, atol=1e-6)
-        torch.testing.assert_close(data.std.double(), crops.std(dim=(0, 2, 3), keepdim=True), rtol=0, atol=1e-5)
-        epoch = lambda seed, views=1: list(common.train_batches(run, torch.Generator().manual_seed(seed), views))
+        self.assertEqual((len(data.train_files), data.test_y.tolist()), (8, [0, 0, 1, 1]))
+        test_view = lambda p: common.center_crop(common._load(p, False), 64)
+        crops = torch.cat([test_view(p) for p in data.train_files])
+        crops = crops.double() / 255  # the normalisation: these 8 images at the test transform
+        close = lambda a, b: torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-5)
+        close(data.mean, crops.mean(dim=(0, 2, 3), keepdim=True))
+        close(data.std, crops.std(dim=(0, 2, 3), keepdim=True))
+        gen = lambda seed: torch.Generator().manual_seed(seed)
+        epoch = lambda seed, views=1: list(common.train_batches(run, gen(seed), views))
         a, b, c = epoch(0), epoch(0), epoch(1)
         self.assertEqual([tuple(x.shape) for x, _ in a], [(4, 3, 64, 64)] * 2)
-        gen = torch.Generator().manual_seed(0)
-        perm = torch.randperm(8, generator=gen)
+        perm = torch.randperm(8, generator=gen(0))
         self.assertEqual(torch.cat([y for _, y in a]).tolist(), data.train_y[perm].tolist())
-        self.assertTrue(all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b)))  # same seed, same batches
+        self.assertTrue(all(torch.equal(x1, x2) for (x1, _), (x2, _) in zip(a, b)))  # same seed
         self.assertFalse(torch.equal(a[0][0], c[0][0]))
         (views, y), _ = epoch(0, views=3)
         self.assertEqual(len(views), 3)  # PCL: independent crops of the same images
@@ -376,7 +406,8 @@ class TestStream(unittest.TestCase):
                 for r in (0, 1):
                     with mock.patch.object(common, "world", return_value=2), \
                             mock.patch.object(common, "rank", return_value=r):
-                        shares.append(list(common.train_batches(run, torch.Generator().manual_seed(5), 2)))
+                        gen = torch.Generator().manual_seed(5)
+                        shares.append(list(common.train_batches(run, gen, 2)))
                 self.assertEqual(len(shares[0]), len(whole))
                 for (xw, yw), (x0, y0), (x1, y1) in zip(whole, *shares):
                     self.assertTrue(torch.equal(torch.cat([y0, y1]), yw))
@@ -386,13 +417,14 @@ class TestStream(unittest.TestCase):
     def test_streamed_run_resumes_exactly(self):
         baseline = importlib.import_module("baseline")
         d = tmpdir(self)
-        kw = dict(dataset="folder", data_dir=self.root, image_size=64, batch_size=4, device="cpu", arch="resnet8",
-                  epochs=2, loader="stream")
+        kw = dict(dataset="folder", data_dir=self.root, image_size=64, batch_size=4, device="cpu",
+                  arch="resnet8", epochs=2, loader="stream")
         straight = baseline.main(baseline.Args(**kw, out=os.path.join(d, "a")))
         baseline.main(baseline.Args(**kw, out=os.path.join(d, "b"), stop_after=1))
         resumed = baseline.main(baseline.Args(**kw, out=os.path.join(d, "b"), resume=True))
         self.assertEqual(straight["test_acc"], resumed["test_acc"])
-        a, b = (torch.load(os.path.join(d, r, "checkpoint.pt"), weights_only=False)["model"] for r in "ab")
+        a, b = (torch.load(os.path.join(d, r, "checkpoint.pt"), weights_only=False)["model"]
+                for r in "ab")
         self.assertTrue(all(torch.equal(a[k], b[k]) for k in a))
         # evaluate_stream = the test transform and arg-max over the whole test split
         run = self.run_of(baseline.Args(**kw))
@@ -400,9 +432,12 @@ class TestStream(unittest.TestCase):
         net.load_state_dict(a)
         net.eval()
         with torch.no_grad():
-            x = torch.cat([common.center_crop(common._load(p, False), 64) for p in run.data.test_files])
-            hits = (net((x / 255 - run.data.mean) / run.data.std).argmax(-1) == run.data.test_y).sum().item()
-        self.assertEqual(common.evaluate_all(run, net, baseline.evaluate), {"net": 100.0 * hits / 4})
+            test_view = lambda p: common.center_crop(common._load(p, False), 64)
+            x = torch.cat([test_view(p) for p in run.data.test_files])
+            logits = net((x / 255 - run.data.mean) / run.data.std)
+        hits = (logits.argmax(-1) == run.data.test_y).sum().item()
+        got = common.evaluate_all(run, net, baseline.evaluate)
+        self.assertEqual(got, {"net": 100.0 * hits / 4})
 
 
 class TestRecipeAndWarmup(unittest.TestCase):
@@ -418,16 +453,18 @@ class TestRecipeAndWarmup(unittest.TestCase):
 
     def test_imagenet_recipe_fills_the_flags_left_at_default(self):
         baseline, ffsd = importlib.import_module("baseline"), importlib.import_module("ffsd")
-        args = common.apply_recipe(common.parse_args(baseline.Args, ["--recipe", "imagenet", "--epochs", "3"]))
-        self.assertEqual((args.epochs, args.batch_size, args.lr, args.weight_decay, args.momentum, args.nesterov,
-                          args.lr_warmup_epochs), (3, 256, 0.8, 1e-4, 0.9, True, 5))
+        argv = ["--recipe", "imagenet", "--epochs", "3"]
+        args = common.apply_recipe(common.parse_args(baseline.Args, argv))
+        self.assertEqual((args.epochs, args.batch_size, args.lr, args.weight_decay, args.momentum,
+                          args.nesterov, args.lr_warmup_epochs), (3, 256, 0.8, 1e-4, 0.9, True, 5))
         args = common.apply_recipe(ffsd.Args(recipe="imagenet"))
-        self.assertEqual((args.epochs, args.weight_decay, args.sd_lr, args.fusion_wd), (90, 1e-4, 1e-3, 1e-5))
-        for e, factor in ((4, 1.0), (29, 1.0), (30, 0.1), (59, 0.1), (60, 0.01)):  # /10 after epochs 30 and 60
+        self.assertEqual((args.epochs, args.weight_decay, args.sd_lr, args.fusion_wd),
+                         (90, 1e-4, 1e-3, 1e-5))
+        for e, factor in ((4, 1.0), (29, 1.0), (30, 0.1), (59, 0.1), (60, 0.01)):  # /10 at 30, 60
             self.assertAlmostEqual(common.lr_factor(e, args), factor, places=12)
         # setup applies it in place, so the method's own Args (its optimisers) see it
-        args = baseline.Args(recipe="imagenet", dataset="fake", subset=20, test_subset=10, epochs=1, device="cpu",
-                             batch_size=10, out=os.path.join(tmpdir(self), "run"))
+        args = baseline.Args(recipe="imagenet", dataset="fake", subset=20, test_subset=10, epochs=1,
+                             device="cpu", batch_size=10, out=os.path.join(tmpdir(self), "run"))
         common.setup(args, "baseline")
         self.assertEqual((args.lr, args.lr_warmup_epochs, args.batch_size), (0.8, 5, 10))
 

@@ -1,9 +1,9 @@
-"""Multi-process training (common.py section 6e): a real 2-process torchrun launch on the CPU (gloo) against a
-one-process reference that takes the two halves of every global batch separately (per-half BatchNorm
-statistics, as per-process BatchNorm gives) and averages their gradients before every optimiser step;
-identical processes; resume under torchrun; one-line launch errors.
+"""Multi-process training (common.py section 6e): a real 2-process torchrun launch on the CPU (gloo)
+against a one-process reference that takes the two halves of every global batch separately (per-half
+BatchNorm statistics, as per-process BatchNorm gives) and averages their gradients before every
+optimiser step; identical processes; resume under torchrun; one-line launch errors.
 
-SyncBatchNorm (--sync-bn) needs CUDA GPUs; it is checked by the GPU check (docs/distributed.md), not here."""
+SyncBatchNorm (--sync-bn) needs CUDA GPUs: the GPU check in docs/distributed.md covers it."""
 import importlib
 import json
 import os
@@ -18,13 +18,14 @@ import torch
 from helpers import ROOT, tmpdir  # noqa: F401  (helpers puts the repository on sys.path, 1 thread)
 import common
 
-TINY = dict(arch="resnet8", dataset="fake", subset=32, test_subset=20, batch_size=16, device="cpu", seed=0)
-# name: (method, extra fields); every run: 32 images, global batches of 16 = 2 processes x 8, 2 steps/epoch.
-RUNS = {"baseline-stop": ("baseline", dict(epochs=2, stop_after=1)),  # then resumed by a second launch
-        "ffsd": ("ffsd", dict(epochs=1)),  # six optimisers, two of them Adams; eval-mode SD teachers
-        "pcl": ("pcl", dict(epochs=1))}    # three views; EMA teacher with train-mode BatchNorm buffers
-# Float32, one thread in every process: the 2-process weights come out bitwise equal to the reference here;
-# the tolerance only allows for another summation order (another gloo or BLAS build).
+TINY = dict(arch="resnet8", dataset="fake", subset=32, test_subset=20, batch_size=16, device="cpu",
+            seed=0)
+# name: (method, extra fields); 32 images, global batches of 16 = 2 processes x 8: 2 steps/epoch.
+RUNS = {"baseline-stop": ("baseline", dict(epochs=2, stop_after=1)),  # resumed by a second launch
+        "ffsd": ("ffsd", dict(epochs=1)),  # six optimisers, two Adams; eval-mode SD teachers
+        "pcl": ("pcl", dict(epochs=1))}    # three views; EMA teacher with train-mode BN buffers
+# Float32, one thread in every process: the 2-process weights come out bitwise equal to the
+# reference here; the tolerance only allows for another summation order (another gloo or BLAS).
 TOL = dict(rtol=1e-6, atol=1e-8)
 _DATA = []
 
@@ -44,15 +45,16 @@ def flags(fields):
 
 
 def torchrun(dump, runs, nproc=2):
-    """`python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py ...` (CPU)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join("tests", "dist_worker.py"), dump, json.dumps(runs)]
+    """`python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={nproc}", os.path.join("tests", "dist_worker.py"), dump,
+           json.dumps(runs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def loss_of(name, model, x, y, epoch, args):
-    """The method's loss on one half batch, as its train_step computes it (without the optimiser steps)."""
+    """The method's loss on one half batch, as its train_step computes it (without the steps)."""
     method = importlib.import_module(name)
     if name == "baseline":
         return method.baseline_loss(model(x), y, args)[0]
@@ -61,14 +63,16 @@ def loss_of(name, model, x, y, epoch, args):
     logits, ens = model.student(x)  # pcl: x = the list of views
     with torch.no_grad():
         mean_logits, _ = model.mean(x)
-    return method.pcl_loss(logits, ens, mean_logits, y, common.sigmoid_rampup(epoch, args.rampup_epochs), args)[0]
+    w = common.sigmoid_rampup(epoch, args.rampup_epochs)
+    return method.pcl_loss(logits, ens, mean_logits, y, w, args)[0]
 
 
 def reference(name, fields, epochs):
-    """One process, state_dict after `epochs` epochs: each global batch (the same batches and augmentations as
-    one process draws) as its two halves, one after the other, with per-half BatchNorm statistics; the
-    gradients of the halves averaged; then every optimiser steps once. Running statistics: those of the first
-    half (rank 0's), the second half starting from the same ones (as process 1 does)."""
+    """One process, state_dict after `epochs` epochs: each global batch (the batches and
+    augmentations one process draws) as its two halves, one after the other, with per-half
+    BatchNorm statistics; the gradients of the halves averaged; then every optimiser steps once.
+    Running statistics: the first half's (rank 0's); the second half starts from the same ones as
+    the first (as process 1 does)."""
     method = importlib.import_module(name)
     args = common.check_args(method.Args(**{**TINY, **fields, "out": ""}))
     run = tiny_run(name, args)
@@ -118,10 +122,11 @@ class TestTorchrun(unittest.TestCase):
         cls._dir = tempfile.TemporaryDirectory()
         d = cls._dir.name
         cls.out = {name: os.path.join(d, name) for name in RUNS}
-        runs = [[name, method, flags({**TINY, **f, "out": cls.out[name]})] for name, (method, f) in RUNS.items()]
+        runs = [[name, method, flags({**TINY, **f, "out": cls.out[name]})]
+                for name, (method, f) in RUNS.items()]
         cls.first = torchrun(d, runs)
-        resume = [["baseline-resume", "baseline",
-                   flags({**TINY, **RUNS["baseline-stop"][1], "out": cls.out["baseline-stop"]}) + ["--resume"]]]
+        again = {**TINY, **RUNS["baseline-stop"][1], "out": cls.out["baseline-stop"]}
+        resume = [["baseline-resume", "baseline", flags(again) + ["--resume"]]]
         cls.second = torchrun(d, resume) if cls.first.returncode == 0 else cls.first
         cls.dumps = {}
         for name in list(RUNS) + ["baseline-resume"]:
@@ -137,7 +142,8 @@ class TestTorchrun(unittest.TestCase):
         for res in (self.first, self.second):
             self.assertEqual(res.returncode, 0, res.stderr[-3000:])
         out = self.first.stdout
-        self.assertEqual(out.count("torchrun: 2 processes (gloo), 8 images of every global batch of 16 each"), 3)
+        said = "torchrun: 2 processes (gloo), 8 images of every global batch of 16 each"
+        self.assertEqual(out.count(said), 3)  # one line per run, from rank 0 only
         self.assertEqual(out.count("stopped after epoch 1 of 2"), 1)
         self.assertIn("continue with: torchrun --nproc-per-node=2 ", out)
         self.assertEqual(self.second.stdout.count("final | net "), 1)
@@ -147,7 +153,8 @@ class TestTorchrun(unittest.TestCase):
             self.assertEqual([json.loads(line)["epoch"] for line in f], [1, 2])
 
     def test_processes_hold_identical_weights_and_buffers(self):
-        self.assertEqual(set(self.dumps), set(RUNS) | {"baseline-resume"}, self.first.stderr[-3000:])
+        runs = set(RUNS) | {"baseline-resume"}
+        self.assertEqual(set(self.dumps), runs, self.first.stderr[-2000:])
         for name, (r0, r1) in self.dumps.items():
             for k in r0:
                 with self.subTest(run=name, tensor=k):
@@ -161,8 +168,8 @@ class TestTorchrun(unittest.TestCase):
                 self.assertEqual(set(got), set(ref))
                 for k in ref:  # every parameter and buffer (BN running statistics: rank 0's)
                     torch.testing.assert_close(got[k], ref[k], **TOL, msg=f"{name}: {k}")
-        # The comparison can fail: one process on the whole batch of 16 (BN statistics over 16 images) is
-        # another run, farther from the 2-process one than the tolerance.
+        # The comparison can fail: one process on the whole batch of 16 (BN statistics over 16
+        # images) is another run, farther from the 2-process one than the tolerance.
         whole = importlib.import_module("baseline")
         args = common.check_args(whole.Args(**{**TINY, "epochs": 1, "out": ""}))
         run = tiny_run("baseline", args)
@@ -185,7 +192,7 @@ class TestTorchrun(unittest.TestCase):
 
 
 class TestLaunchErrors(unittest.TestCase):
-    """The checks dist_setup makes before joining the process group, in this process (WORLD_SIZE faked)."""
+    """The checks dist_setup makes before joining the process group, here (WORLD_SIZE faked)."""
 
     def setup_error(self, env, drop=(), **fields):
         env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", **env}
@@ -200,16 +207,17 @@ class TestLaunchErrors(unittest.TestCase):
 
     def test_batch_not_divisible_by_processes(self):
         msg = self.setup_error({}, batch_size=15)
-        self.assertEqual(msg, "error: --batch-size 15 is not divisible by the 2 processes torchrun started (each "
-                              "takes batch-size / processes images of every global batch)")
+        self.assertEqual(msg, "error: --batch-size 15 is not divisible by the 2 processes torchrun "
+                              "started (each takes batch-size / processes images of every global "
+                              "batch)")
 
     def test_sync_bn_needs_gpus(self):
         self.assertIn("--sync-bn needs CUDA GPUs", self.setup_error({}, sync_bn=True))
 
     def test_missing_backend(self):
         with mock.patch.object(common.dist, "is_gloo_available", return_value=False):
-            self.assertEqual(self.setup_error({}), "error: torchrun on CPU needs the gloo backend, which this "
-                                                   "PyTorch build lacks")
+            self.assertEqual(self.setup_error({}), "error: torchrun on CPU needs the gloo backend, "
+                                                   "which this PyTorch build lacks")
         with mock.patch.object(common.dist, "is_available", return_value=False):
             self.assertIn("has no torch.distributed", self.setup_error({}))
 
