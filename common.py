@@ -942,6 +942,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
              "train_time_s": train_time, "images_per_s": images / max(train_time, 1e-9),
              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
              "date": datetime.date.today().isoformat(), "torch": torch.__version__}
+    final.update(dist_summary(run))  # section 6: under torchrun, the processes and the launch
     _write_json(os.path.join(run.out, "final.json"), final)
     parts = [f"{deployed} {final['test_acc']:.2f} (last) {best['acc']:.2f} (best, epoch {best['epoch']})"]
     parts += [f"{k} {v:.2f}" for k, v in models.items() if k != deployed] + [f"{train_time / 60:.1f} min"]
@@ -1447,6 +1448,16 @@ def dist_prepare(run, model, optimizers):
     _broadcast(list(model.parameters()) + list(model.buffers()))
     for opt in optimizers.values():
         opt.register_step_pre_hook(_average_gradients)
+
+
+def dist_summary(run):
+    """final.json fields of a torchrun run (none for one process): processes, BatchNorm mode and the
+    command with its launcher."""
+    if world() == 1:
+        return {}
+    script = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    return {"processes": world(), "sync_bn": run.args.sync_bn,
+            "command": f"torchrun --nproc-per-node={world()} {script}"}
 
 
 def dist_sync_buffers(model):

@@ -147,6 +147,10 @@ class TestTorchrun(unittest.TestCase):
         self.assertEqual(out.count("stopped after epoch 1 of 2"), 1)
         self.assertIn("continue with: torchrun --nproc-per-node=2 ", out)
         self.assertEqual(self.second.stdout.count("final | net "), 1)
+        with open(os.path.join(self.out["baseline-stop"], "final.json")) as f:
+            final = json.load(f)
+        self.assertEqual((final["processes"], final["sync_bn"]), (2, False))
+        self.assertTrue(final["command"].startswith("torchrun --nproc-per-node=2 dist_worker.py "))
         self.assertEqual(self.second.stdout.count("resumed from"), 1)
         # rank 0 alone wrote: one checkpoint, one metrics row per epoch
         with open(os.path.join(self.out["baseline-stop"], "metrics.jsonl")) as f:
