@@ -539,7 +539,7 @@ MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 
 @dataclass
 class Data:
-    train_x: torch.Tensor  # (N, 3, 32, 32) uint8, on the training device
+    train_x: torch.Tensor  # (N, 3, S, S) uint8 (S = 32 for CIFAR), on the training device
     train_y: torch.Tensor  # (N,) int64
     test_x: torch.Tensor
     test_y: torch.Tensor
@@ -1310,32 +1310,41 @@ def beyond_batches(run, gen, views):
     data, bs, N = run.data, run.args.batch_size, len(run.data.train_y)
     perm = torch.randperm(N, generator=gen, device=data.train_y.device)
     starts = range(0, N - 1, bs) if world() == 1 else range(0, N - bs + 1, bs)
-    if not isinstance(data, StreamData):
-        for s in starts:
-            idx, (lo, hi) = perm[s:s + bs], _share(s, N, bs)
-            xb = [augment(data.train_x[idx], data, gen, run.args.pad_mode)[lo - s:hi - s]
-                  for _ in range(views)]
-            yield (run.layout(xb[0]) if views == 1 else [run.layout(v) for v in xb]), \
-                data.train_y[perm[lo:hi]]
+    if isinstance(data, StreamData):
+        yield from _stream_batches(run, gen, views, perm, starts)
         return
-    order, S = perm.tolist(), data.size
-    read = lambda s: _submit([data.train_files[i] for i in order[slice(*_share(s, N, bs))]],
-                             run.device)
+    for s in starts:
+        idx, (lo, hi) = perm[s:s + bs], _share(s, N, bs)
+        # BOILERPLATE: augment the whole global batch (one process's draws), keep this share.
+        xb = [run.layout(augment(data.train_x[idx], data, gen, run.args.pad_mode)[lo - s:hi - s])
+              for _ in range(views)]
+        yield (xb[0] if views == 1 else xb), data.train_y[perm[lo:hi]]
+
+
+def _stream_batches(run, gen, views, perm, starts):
+    """beyond_batches for a streamed folder: decode this process's share of each batch (the next
+    batch is read while this one trains), then crop, resize and flip it for each view."""
+    data, bs, N = run.data, run.args.batch_size, len(run.data.train_y)
+    order = perm.tolist()
+
+    def read(s):  # start reading this process's share of the batch that begins at s
+        lo, hi = _share(s, N, bs)
+        return _submit([data.train_files[i] for i in order[lo:hi]], run.device)
     pending = read(starts[0]) if len(starts) else []
     for k, s in enumerate(starts):
         (lo, hi), b = _share(s, N, bs), min(bs, N - s)
         imgs = _collect(pending, run.device)
         if k + 1 < len(starts):
             pending = read(starts[k + 1])
-        hw = torch.tensor([tuple(img.shape[1:]) for img in imgs])
+        hw = torch.tensor([tuple(img.shape[1:]) for img in imgs])  # (b / W, 2)
         xb = []
         for _ in range(views):
             # Per image of the GLOBAL batch: 22 numbers for the crop (rrc_boxes), 1 for the flip.
             u = torch.rand(b, 23, generator=gen, device=gen.device)[lo - s:hi - s]
             boxes = rrc_boxes(hw, u[:, :22].cpu()).tolist()
-            x = torch.cat([crop_resize(im, box, S) for im, box in zip(imgs, boxes)])  # (b/W,3,S,S)
+            x = torch.cat([crop_resize(im, box, data.size) for im, box in zip(imgs, boxes)])
             x = torch.where((u[:, 22] < 0.5).to(x.device)[:, None, None, None], x.flip(-1), x)
-            xb.append(run.layout((x / 255 - data.mean) / data.std))
+            xb.append(run.layout((x / 255 - data.mean) / data.std))  # (b / W, 3, S, S)
         yield (xb[0] if views == 1 else xb), data.train_y[perm[lo:hi]]
 
 
