@@ -15,8 +15,11 @@ Contents, and what a method file may use from each section:
                      `.autocast()`, `.to_device()`), `sgd`, `kd_loss`, `sigmoid_rampup`, and
                      `fit(run, model, optimizers, train_step, evaluate, deployed, ...)`: epochs, LR
                      schedule, evaluation, the per-epoch row, metrics.jsonl, checkpoints, final.json.
+  6. Beyond CIFAR   nothing directly: image folders of any size, streamed folders, ImageNet
+                     ResNet-18/34, `--recipe imagenet`, multi-process runs under torchrun.
 """
 import argparse
+import atexit
 import dataclasses
 import datetime
 import json
@@ -26,17 +29,20 @@ import random
 import shlex
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 def fail(msg):
     """Stop with a one-line error (no traceback): `error: <msg>` on stderr, exit status 1."""
+    quiet_unless_rank0()  # section 6: under torchrun rank 0 says it, the other processes exit
     raise SystemExit(f"error: {msg}")
 
 
@@ -83,6 +89,23 @@ class TrainArgs:
     stop_after: int = arg(0, "stop after N epochs of this invocation, checkpoint kept, to continue later with "
                              "--resume (0 = run to --epochs)")
     log_every: int = arg(0, "also print a line every N steps (0 = one row per epoch)")
+    # Section 6 (beyond CIFAR): image size, streamed folders, LR warm-up and recipe, torchrun.
+    image_size: int = arg(0, "image side in pixels, a multiple of 32: 0 = the data's own (32 "
+                             "for CIFAR and fake, the images' own in memory, 224 streamed)")
+    loader: str = arg("auto", "--dataset folder: memory (decode once, hold on the device), stream "
+                              "(decode every batch from disk), auto (stream when the decoded train "
+                              "split would exceed --memory-budget-gb or --image-size differs from "
+                              "the images' size)", choices=["auto", "memory", "stream"])
+    memory_budget_gb: float = arg(16.0, "--loader auto: largest decoded train split held in memory")
+    lr_warmup_epochs: int = arg(0, "linear LR warm-up: epoch e < N (0-based) uses (e + 1) / N of "
+                                   "the scheduled LR (0 = off)")
+    recipe: str = arg("none", "imagenet: FFSD's ImageNet recipe (90 epochs, batch 256, LR 0.8 "
+                              "warmed up over 5 epochs, x0.1 at epochs 30 and 60, wd 1e-4, "
+                              "Nesterov) for every flag left at its default",
+                      choices=["none", "imagenet"])
+    sync_bn: bool = arg(False, "under torchrun: BatchNorm statistics of the whole global batch "
+                               "(CUDA only; default: per process, as nn.DataParallel in the "
+                               "papers' code)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -123,6 +146,7 @@ def check_args(args):
         fractions = [-1.0]
     if any(not 0 < v <= 1 for v in fractions):
         fail(f"--lr-decay-at takes comma-separated fractions in (0, 1], got {args.lr_decay_at!r}")
+    check_beyond_cifar(args)  # section 6: image size, loader, warm-up
     return args
 
 
@@ -338,7 +362,9 @@ def vgg16(num_classes, dropout=0.5):
     stages = [nn.Sequential(nn.MaxPool2d(2), *convs(cin, cout, 3)) for cin, cout in ((128, 256), (256, 512), (512, 512))]
     head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(512, num_classes))
-    net = init_weights(Net(stem, stages, nn.Sequential(nn.MaxPool2d(2), nn.Flatten()), head, [256, 512, 512], split=2,
+    # The last max-pool is adaptive: 2x2 -> 1x1 at 32 px (as MaxPool2d(2)), any size -> 1x1 above.
+    pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
+    net = init_weights(Net(stem, stages, pool, head, [256, 512, 512], split=2,
                     feature_dim=512))
     for m in net.modules():
         if isinstance(m, nn.Linear):
@@ -434,9 +460,19 @@ def googlenet(num_classes):
                      [s[-1].out_channels for s in stages], split=2))
 
 
+def resnet18(num_classes):
+    """ImageNet ResNet-18 (torchvision's; section 6). 11,689,512 params at 1000 classes."""
+    return imagenet_resnet(18, num_classes)
+
+
+def resnet34(num_classes):
+    """ImageNet ResNet-34 (torchvision's; section 6). 21,797,672 params at 1000 classes."""
+    return imagenet_resnet(34, num_classes)
+
+
 BACKBONES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet56, resnet110, resnet110_basic, resnet164,
                                       wrn16_2, wrn40_2, wrn20_8, vgg16, densenet40_12, densenet40_12_plain,
-                                      resnext29_2x64d, googlenet)}
+                                      resnext29_2x64d, googlenet, resnet18, resnet34)}
 
 
 def build_backbone(arch, num_classes):
@@ -515,7 +551,7 @@ MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 
 @dataclass
 class Data:
-    train_x: torch.Tensor  # (N, 3, 32, 32) uint8, on the training device
+    train_x: torch.Tensor  # (N, 3, S, S) uint8 (S = 32 for CIFAR), on the training device
     train_y: torch.Tensor  # (N,) int64
     test_x: torch.Tensor
     test_y: torch.Tensor
@@ -535,8 +571,9 @@ def _cifar(args, train):
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), list(ds.classes)
 
 
-def _folder(root, split, classes=None):
-    """Read root/split/<class>/* (any image torchvision can decode) as uint8 (N, 3, 32, 32)."""
+def _folder(root, split, classes=None, size=0):
+    """Read root/split/<class>/* (any image torchvision can decode) as uint8 (N, 3, S, S): every
+    image of the split one size S (`size` when given; section 6), 32 for CIFAR in a folder."""
     from torchvision.io import ImageReadMode, decode_image
     d = os.path.join(root, split)
     if not os.path.isdir(d):
@@ -547,7 +584,7 @@ def _folder(root, split, classes=None):
         fail(f"{d!r} has no class sub-folders; expected {split}/<class>/<image>")
     if classes is not None and found != classes:
         fail(f"class folders of {d!r} {found} differ from train's {classes}")
-    xs, ys = [], []
+    xs, ys, first = [], [], None
     for label, c in enumerate(found):
         for name in sorted(os.listdir(os.path.join(d, c))):
             path = os.path.join(d, c, name)
@@ -555,8 +592,8 @@ def _folder(root, split, classes=None):
                 img = decode_image(path, mode=ImageReadMode.RGB)
             except Exception:
                 fail(f"cannot decode image {path!r} (not an image file torchvision can read)")
-            if tuple(img.shape[1:]) != (32, 32):
-                fail(f"image {path!r} is {img.shape[2]}x{img.shape[1]}, expected 32x32")
+            first = first or (path, tuple(img.shape[1:]))
+            check_folder_image(path, img, first, size, split)  # section 6: one size per split
             xs.append(img)
             ys.append(label)
     if not xs:
@@ -589,8 +626,10 @@ def load_data(args, device):
     if args.dataset in ("cifar10", "cifar100"):
         (tx, ty, classes), (vx, vy, _) = _cifar(args, True), _cifar(args, False)
     elif args.dataset == "folder":
-        tx, ty, classes = _folder(args.data_dir, "train")
-        vx, vy, _ = _folder(args.data_dir, "test", classes)
+        if folder_loader(args) == "stream":  # section 6: too big for memory, or resized
+            return load_stream(args, device)
+        tx, ty, classes = _folder(args.data_dir, "train", size=args.image_size)
+        vx, vy, _ = _folder(args.data_dir, "test", classes, size=tx.shape[-1])
     elif args.dataset == "fake":
         (tx, ty), (vx, vy) = make_fake(10000, seed=1), make_fake(2000, seed=2)
         classes = [f"class{i}" for i in range(10)]
@@ -607,6 +646,8 @@ def load_data(args, device):
         vx, vy = vx[keep], vy[keep]
     if args.dataset in MEAN_STD:
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEAN_STD[args.dataset])
+    elif tx.shape[-1] > 32:  # section 6: a large folder (Tiny-ImageNet: 100k x 64 x 64), in chunks
+        mean, std = channel_stats(tx)
     else:
         f = tx.float() / 255
         mean, std = f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True)
@@ -614,19 +655,21 @@ def load_data(args, device):
 
 
 def augment(x, data, gen, pad_mode="zero"):
-    """Random crop 32 from the image padded by 4 (zero = black pixels, before normalisation; or reflect)
-    and a horizontal flip with probability 1/2, for a whole uint8 batch at once; returns normalised float.
-    One gather does both: output pixel (i, j) reads padded pixel (oy + i, ox + j), or (oy + i, ox + 31 - j)
-    when flipped."""
-    B, dev = x.shape[0], x.device
-    xp = F.pad(x.float() / 255, (4, 4, 4, 4), mode="constant" if pad_mode == "zero" else "reflect")  # (B,3,40,40)
-    oy, ox = (torch.randint(0, 9, (B,), generator=gen, device=dev) for _ in range(2))
+    """Random crop H x W from the image padded by H/8, W/8 (4 pixels at 32 x 32, 8 at 64 x 64;
+    zero = black pixels, before normalisation; or reflect) and a horizontal flip with probability
+    1/2, for a whole uint8 batch at once; returns normalised float. One gather does both: output
+    pixel (i, j) reads padded pixel (oy + i, ox + j), or (oy + i, ox + W - 1 - j) when flipped."""
+    (B, _, H, W), dev = x.shape, x.device
+    ph, pw = H // 8, W // 8  # crop padding
+    mode = "constant" if pad_mode == "zero" else "reflect"
+    xp = F.pad(x.float() / 255, (pw, pw, ph, ph), mode=mode)  # (B, 3, H + 2ph, W + 2pw)
+    oy, ox = (torch.randint(0, 2 * p + 1, (B,), generator=gen, device=dev) for p in (ph, pw))
     flip = torch.rand(B, generator=gen, device=dev) < 0.5
-    i = torch.arange(32, device=dev)
-    rows = oy[:, None] + i  # (B, 32)
-    cols = ox[:, None] + torch.where(flip[:, None], 31 - i, i)  # (B, 32)
+    i, j = torch.arange(H, device=dev), torch.arange(W, device=dev)
+    rows = oy[:, None] + i  # (B, H)
+    cols = ox[:, None] + torch.where(flip[:, None], W - 1 - j, j)  # (B, W)
     out = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
-             rows[:, None, :, None], cols[:, None, None, :]]  # (B, 3, 32, 32)
+             rows[:, None, :, None], cols[:, None, None, :]]  # (B, 3, H, W)
     return (out - data.mean) / data.std
 
 
@@ -634,6 +677,9 @@ def train_batches(run, gen, views=1):
     """One epoch of (x, y): shuffled, augmented on the device. x is a tensor, or a list of `views`
     independently augmented copies of the same images (one per peer). A last batch of 1 image is dropped
     (BatchNorm cannot train on it)."""
+    if world() > 1 or isinstance(run.data, StreamData):  # section 6: torchrun, streamed folders
+        yield from beyond_batches(run, gen, views)
+        return
     data, bs = run.data, run.args.batch_size
     perm = torch.randperm(len(data.train_y), generator=gen, device=data.train_y.device)
     for s in range(0, len(perm) - 1, bs):
@@ -667,7 +713,8 @@ def lr_factor(epoch, args):
     """Step schedule: x lr_gamma at each milestone (fractions of --epochs; 0.5,0.75 of 300 = epochs 150,
     225 counted from 0, i.e. the decayed LR is first used in the 151st epoch)."""
     milestones = [round(float(v) * args.epochs) for v in args.lr_decay_at.split(",") if v.strip()]
-    return args.lr_gamma ** sum(epoch >= m for m in milestones)
+    warmup = lr_warmup(epoch, args)  # section 6: 1.0 unless --lr-warmup-epochs
+    return args.lr_gamma ** sum(epoch >= m for m in milestones) * warmup
 
 
 def sgd(params, args, weight_decay=None):
@@ -696,6 +743,8 @@ class Run:
     @property
     def steps_per_epoch(self):
         """Batches per epoch as train_batches yields them (a last batch of 1 image is dropped)."""
+        if world() > 1:  # section 6: under torchrun only full global batches (equal shares)
+            return len(self.data.train_y) // self.args.batch_size
         return len(range(0, len(self.data.train_y) - 1, self.args.batch_size))
 
     def layout(self, x):
@@ -719,9 +768,11 @@ def seed_everything(seed):
 def setup(args, method):
     """Validate arguments, pick the device, seed, prepare --out, load the data. Returns a Run."""
     check_args(args)
+    apply_recipe(args)  # section 6: --recipe sets the flags left at their defaults (in place)
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA GPU is visible; choices: auto, cpu, cuda")
     device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = dist_setup(args, device)  # section 6: under torchrun, join the process group
     out = args.out or os.path.join("runs", f"{method}-{args.arch}-{args.dataset}-seed{args.seed}")
     if args.arch not in BACKBONES:
         fail(f"unknown --arch {args.arch!r}; choices: {', '.join(BACKBONES)}")
@@ -745,6 +796,8 @@ def setup(args, method):
 
 
 def _write_text(path, text):
+    if rank() > 0:  # section 6: under torchrun only rank 0 writes
+        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
@@ -758,6 +811,8 @@ def _write_json(path, obj):
 def save_checkpoint(path, obj):
     """Write to a temporary file, then rename: a crash, a full disk or Ctrl-C during the save leaves the
     previous checkpoint as it was (and no half-written temporary file)."""
+    if rank() > 0:  # section 6: under torchrun only rank 0 writes
+        return
     tmp = path + ".tmp"
     try:
         torch.save(obj, tmp)
@@ -774,6 +829,8 @@ def save_checkpoint(path, obj):
 @torch.no_grad()
 def evaluate_all(run, model, evaluate):
     """Top-1 accuracy (%) of every model the method names: evaluate(model, x) -> {name: logits (B, C)}."""
+    if isinstance(run.data, StreamData):  # section 6: decoded from disk, scored in shards
+        return evaluate_stream(run, model, evaluate)
     model.eval()
     data, correct = run.data, {}
     for s in range(0, len(data.test_y), run.args.eval_batch_size):
@@ -811,6 +868,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
     for opt in optimizers.values():
         for g in opt.param_groups:
             g.setdefault("base_lr", g["lr"])
+    dist_prepare(run, model, optimizers)  # section 6: under torchrun, gradients averaged
     n_train = len(run.data.train_y)
     print(f"{run.method}.py | {args.arch} | {args.dataset} ({n_train} train / {len(run.data.test_y)} test, "
           f"{run.num_classes} classes) | {run.device.type}{' bf16' if run.amp else ''} | seed {args.seed} | "
@@ -835,6 +893,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
             for i, (x, y) in enumerate(train_batches(run, gen, views)):
                 step = epoch * steps_per_epoch + i
                 logs = train_step(model, optimizers, x, y, epoch, step, run)
+                dist_sync_buffers(model)  # section 6: under torchrun, rank 0's BN statistics
                 # BOILERPLATE: every logged term in one device vector: a few kernels per step whatever the number
                 # of terms, and no host sync inside the epoch (read once per epoch below).
                 vals = torch.stack([v.detach().float() for v in logs.values()])  # (terms,)
@@ -902,6 +961,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
              "train_time_s": train_time, "images_per_s": images / max(train_time, 1e-9),
              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
              "date": datetime.date.today().isoformat(), "torch": torch.__version__}
+    final.update(dist_summary(run))  # section 6: under torchrun, the processes and the launch
     _write_json(os.path.join(run.out, "final.json"), final)
     parts = [f"{deployed} {final['test_acc']:.2f} (last) {best['acc']:.2f} (best, epoch {best['epoch']})"]
     parts += [f"{k} {v:.2f}" for k, v in models.items() if k != deployed] + [f"{train_time / 60:.1f} min"]
@@ -914,6 +974,8 @@ def resume_command(run):
     the output folder and --resume (floats print in full precision, so the values are exactly these)."""
     script = sys.argv[0] if os.path.basename(sys.argv[0]) == f"{run.method}.py" else f"{run.method}.py"
     parts = [os.path.basename(sys.executable) or "python", script]
+    if world() > 1:  # section 6: launched by torchrun, continued by torchrun
+        parts[:1] = ["torchrun", f"--nproc-per-node={world()}"]
     for f in dataclasses.fields(run.args):
         value, flag = getattr(run.args, f.name), "--" + f.name.replace("_", "-")
         if f.name in ("out", "resume") or value == f.default:
@@ -961,3 +1023,499 @@ def _load_checkpoint(run, path, model, optimizers, gen):
         np.random.set_state(ck["numpy_rng"])
     print(f"resumed from {path} after epoch {ck['epoch']}", flush=True)
     return ck["epoch"], ck["history"], ck["best"]
+
+
+
+# ==================================================================================================
+# 6. Beyond CIFAR: folders of any image size, folders streamed from disk, the ImageNet ResNet-18/34,
+#    the ImageNet recipe (LR warm-up), multi-GPU through torchrun. None of it runs on the CIFAR path
+#    (32 px, in memory, one process): the hooks in sections 1-5 call in only for another size, a
+#    streamed folder, a recipe or a torchrun launch. docs/beyond-cifar.md, docs/distributed.md.
+# ==================================================================================================
+# ----- 6a. Arguments: checks, the recipe preset, LR warm-up -----
+RECIPES = {
+    # FFSD Sec. IV-A, ImageNet: SGD, Nesterov momentum 0.9, weight decay 1e-4, 90 epochs, batch 256,
+    # the LR warmed up linearly to 0.8 over 5 epochs and divided by 10 after epochs 30 and 60.
+    # (Streamed folders train on 224 px crops by default, --image-size 0.)
+    "imagenet": dict(epochs=90, batch_size=256, lr=0.8, lr_decay_at="0.3333,0.6667", lr_gamma=0.1,
+                     momentum=0.9, nesterov=True, weight_decay=1e-4, lr_warmup_epochs=5),
+}
+
+
+def check_beyond_cifar(args):
+    """One-line errors for the flags of this section (called by check_args)."""
+    if args.image_size < 0 or args.image_size % 32:
+        fail(f"--image-size must be 0 (the data's own size) or a multiple of 32 (every backbone "
+             f"halves its maps up to 5 times), got {args.image_size}")
+    if args.dataset != "folder" and args.image_size not in (0, 32):
+        fail(f"--image-size {args.image_size}: {args.dataset} images are 32x32; other sizes need "
+             f"--dataset folder")
+    if args.dataset != "folder" and args.loader == "stream":
+        fail(f"--loader stream reads an image folder (--dataset folder), not --dataset "
+             f"{args.dataset}")
+    if not args.memory_budget_gb > 0:
+        fail(f"--memory-budget-gb must be positive, got {args.memory_budget_gb}")
+    if args.lr_warmup_epochs < 0:
+        fail(f"--lr-warmup-epochs must be >= 0 (0 = off), got {args.lr_warmup_epochs}")
+
+
+def apply_recipe(args):
+    """--recipe NAME: every field the recipe names that is still at its default takes the recipe's
+    value (a flag given with another value wins). In place, so that the Args object the method
+    builds its optimisers from sees the values too."""
+    if args.recipe == "none":
+        return args
+    defaults = {f.name: f.default for f in dataclasses.fields(args)}
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) == defaults[name]:
+            setattr(args, name, value)
+    return args
+
+
+def lr_warmup(epoch, args):
+    """Linear LR warm-up (Goyal et al.; FFSD's ImageNet recipe): the 0-based epoch e < W uses
+    (e + 1) / W of the scheduled LR, so epoch W - 1 is the first at the full LR. 1.0 when off
+    (W = --lr-warmup-epochs = 0), which leaves lr_factor exactly as it was.
+    NOTE(deviation): one value per epoch (fit sets the LR once per epoch); Goyal et al. ramp the LR
+    per iteration."""
+    W = args.lr_warmup_epochs
+    return (epoch + 1) / W if epoch < W else 1.0
+
+
+# ----- 6b. Folders of any fixed image size, held in memory -----
+def check_folder_image(path, img, first, size, split):
+    """A folder held in memory: every image of a split has the size of its first, `first` = (path,
+    (H, W)), or `size` when given (--image-size for train, the train images' side for test); that
+    size is a square whose side is a multiple of 32 (crop padding side / 8; every backbone halves
+    its maps up to 5 times)."""
+    (h, w), (fh, fw) = img.shape[1:], first[1]
+    if size and (h, w) != (size, size):
+        why = ("like the train split" if split == "test"
+               else f"(--image-size {size}; other sizes: --loader stream)")
+        fail(f"image {path!r} is {w}x{h}, expected {size}x{size} {why}")
+    if (h, w) != (fh, fw):
+        fail(f"image {path!r} is {w}x{h}, expected {fw}x{fh} like {first[0]!r} (a folder held in "
+             f"memory has one image size per split; mixed sizes: --loader stream)")
+    if path == first[0] and (h != w or h % 32):
+        fail(f"image {path!r} is {w}x{h}, expected 32x32, 64x64 or another square whose side is a "
+             f"multiple of 32 (a folder held in memory; other sizes: --loader stream "
+             f"--image-size S)")
+
+
+def channel_stats(x, chunk=1024):
+    """Per-channel mean and (unbiased) std of uint8 images (N, 3, H, W) in [0, 1] units, summed in
+    float64 chunks: no float copy of the whole split (Tiny-ImageNet's would take 4.9 GB).
+    Returns two (1, 3, 1, 1) float tensors."""
+    s, s2 = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        f = x[i:i + chunk].to(torch.float64) / 255
+        s, s2 = s + f.sum(dim=(0, 2, 3)), s2 + f.pow(2).sum(dim=(0, 2, 3))
+    n = x.numel() // 3
+    mean = s / n
+    std = ((s2 - n * mean ** 2) / (n - 1)).clamp_min(0).sqrt()
+    return mean.float().view(1, 3, 1, 1), std.float().view(1, 3, 1, 1)
+
+
+# ----- 6c. The ImageNet ResNets -----
+def imagenet_resnet(depth, num_classes):
+    """torchvision's ResNet-18/34 (torchvision.models.resnet18/34, weights=None, torchvision's own
+    init) as a Net: stem = conv7x7/2 + BN + ReLU + max-pool/2; stages = layer1..4 (64, 128, 256, 512
+    channels; 56, 28, 14, 7 px at 224 px); pool = global average; fc. split = 3: a multi-branch
+    network shares the stem and layer1-3, each branch owns layer4 and fc."""
+    import torchvision
+    tv = getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=num_classes)
+    stem = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool)
+    stages = [tv.layer1, tv.layer2, tv.layer3, tv.layer4]
+    return Net(stem, stages, nn.Sequential(tv.avgpool, nn.Flatten()), tv.fc, [64, 128, 256, 512],
+               split=3)
+
+
+# ----- 6d. Folders streamed from disk (--loader stream; ImageNet) -----
+@dataclass
+class StreamData:
+    """An image folder read from disk batch by batch: paths and labels; images decoded when used."""
+    train_files: list
+    train_y: torch.Tensor  # (N,) int64, on the training device
+    test_files: list
+    test_y: torch.Tensor
+    mean: torch.Tensor  # (1, 3, 1, 1) float in [0, 1] units, from a sample of the train split
+    std: torch.Tensor
+    classes: list
+    size: int  # S: train and test crops are S x S
+
+
+def list_folder(root, split, classes=None):
+    """root/split/<class>/* as (paths, labels, classes), nothing decoded (the checks of _folder)."""
+    d = os.path.join(root, split)
+    if not os.path.isdir(d):
+        fail(f"--data-dir {root!r} has no {split}/ folder; --dataset folder needs {d!r} with one "
+             f"sub-folder per class (train/<class>/*, test/<class>/*)")
+    found = sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
+    if not found:
+        fail(f"{d!r} has no class sub-folders; expected {split}/<class>/<image>")
+    if classes is not None and found != classes:
+        fail(f"class folders of {d!r} {found} differ from train's {classes}")
+    paths, labels = [], []
+    for label, c in enumerate(found):
+        names = sorted(os.listdir(os.path.join(d, c)))
+        paths += [os.path.join(d, c, name) for name in names]
+        labels += [label] * len(names)
+    if not paths:
+        fail(f"{d!r} contains no images")
+    return paths, torch.tensor(labels), found
+
+
+def folder_loader(args):
+    """'memory' or 'stream' for --dataset folder. --loader auto streams when the decoded train split
+    would exceed --memory-budget-gb (the first train image's size x the number of files), or when
+    --image-size asks for another size than that image's."""
+    if args.loader != "auto":
+        return args.loader
+    paths, _, _ = list_folder(args.data_dir, "train")
+    try:
+        h, w = _load(paths[0], keep_jpeg=False).shape[1:]
+    except SystemExit:  # not an image: the in-memory reader names the file
+        return "memory"
+    if args.image_size and (h, w) != (args.image_size, args.image_size):
+        return "stream"
+    too_big = (args.subset or len(paths)) * 3 * h * w > args.memory_budget_gb * 1e9
+    return "stream" if too_big else "memory"
+
+
+def load_stream(args, device):
+    """--dataset folder, streamed: list both splits (class-balanced subsets as in load_data) and
+    estimate the normalisation on a train sample; beyond_batches and evaluate_stream decode."""
+    S = args.image_size or 224
+    train, ty, classes = list_folder(args.data_dir, "train")
+    test, vy, _ = list_folder(args.data_dir, "test", classes)
+    for name, n, y in (("subset", args.subset, ty), ("test_subset", args.test_subset, vy)):
+        if n > len(y):
+            fail(f"--{name.replace('_', '-')} {n} is larger than the split ({len(y)} images)")
+    if args.subset:
+        keep = balanced_first(ty, args.subset, len(classes))
+        train, ty = [train[i] for i in keep.tolist()], ty[keep]
+    if args.test_subset:
+        keep = balanced_first(vy, args.test_subset, len(classes))
+        test, vy = [test[i] for i in keep.tolist()], vy[keep]
+    if len(test) < world():
+        fail(f"the test split has {len(test)} images, fewer than the {world()} processes "
+             f"sharing it")
+    mean, std = _stream_stats(train, S)
+    where = "on the GPU (nvJPEG)" if device.type == "cuda" else "on the CPU"
+    print(f"data: streaming {len(train)} train / {len(test)} test images of {args.data_dir!r} from "
+          f"disk, {S} px crops, JPEGs decoded {where}", flush=True)
+    return StreamData(train, ty.to(device), test, vy.to(device), mean.to(device), std.to(device),
+                      classes, S)
+
+
+_POOL = None
+
+
+def _pool():
+    """Threads that read the files (and decode those the GPU does not); torchvision's decoders
+    release the GIL. Shared by the processes of one machine: cores / LOCAL_WORLD_SIZE, 2 to 16."""
+    global _POOL
+    if _POOL is None:
+        cores = (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        _POOL = ThreadPoolExecutor(max(2, min(16, cores)))
+    return _POOL
+
+
+def _load(path, keep_jpeg):
+    """One file: its bytes (uint8 (n,)) when keep_jpeg and it is a JPEG (decoded later, batched, on
+    the GPU), else the decoded (3, H, W) uint8 RGB image."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    try:
+        data = read_file(path)
+        if keep_jpeg and data[:3].tolist() == [0xFF, 0xD8, 0xFF]:
+            return data
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except Exception:  # BOILERPLATE: said by whichever process reads the file, hence not fail()
+        raise SystemExit(f"error: cannot decode image {path!r} (not an image file torchvision "
+                         f"can read)")
+
+
+def _submit(paths, device):
+    """Start reading `paths` in the background (the next batch is read while this one trains)."""
+    return [_pool().submit(_load, p, device.type == "cuda") for p in paths]
+
+
+def _collect(futures, device):
+    """The images of _submit: a list of (3, H_i, W_i) uint8 tensors on `device`. On a GPU the JPEGs
+    are decoded there in one call, torchvision.io.decode_jpeg(list, device='cuda'); other formats,
+    and JPEGs nvJPEG refuses (CMYK), on the CPU."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    items = [f.result() for f in futures]
+    raw = [i for i, t in enumerate(items) if t.dim() == 1]  # JPEG bytes (GPU runs only)
+    if raw:
+        try:
+            decoded = decode_jpeg([items[i] for i in raw], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = [decode_image(items[i], mode=ImageReadMode.RGB) for i in raw]
+        for i, img in zip(raw, decoded):
+            items[i] = img
+    return [t.to(device, non_blocking=True) for t in items]
+
+
+def rrc_boxes(hw, u, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision's RandomResizedCrop.get_params for a batch, from uniform numbers u (B, 22) drawn
+    beforehand (so that every process and every resume draws the same numbers): up to 10 tries, area
+    fraction u[:, :10] of `scale`, log aspect u[:, 10:20] of log `ratio`; the first crop that fits
+    is placed at u[:, 20:22] of the free room; if none fits, the central crop with the aspect
+    clamped to `ratio`. hw: (B, 2) image sizes (H, W). Returns (B, 4) int64 (top, left, h, w)."""
+    hw, u = hw.double(), u.double()
+    H, W = hw[:, :1], hw[:, 1:]  # (B, 1)
+    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :10])  # (B, 10)
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 10:20])
+    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # (B, 10)
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+    w, h, ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
+    H, W = H[:, 0], W[:, 0]
+    in_ratio = W / H  # fallback: the whole image, cut to the nearest allowed aspect ratio
+    w = torch.where(ok, w, torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W))
+    h = torch.where(ok, h, torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H))
+    top = torch.where(ok, torch.floor(u[:, 20] * (H - h + 1)), torch.floor((H - h) / 2))
+    left = torch.where(ok, torch.floor(u[:, 21] * (W - w + 1)), torch.floor((W - w) / 2))
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def crop_resize(img, box, S):
+    """(3, H, W) uint8 -> the box (top, left, height, width) resized to (1, 3, S, S) float in
+    [0, 255] (bilinear with antialiasing, as torchvision's resized_crop on tensors)."""
+    top, left, h, w = box
+    x = img[None, :, top:top + h, left:left + w].float()
+    return F.interpolate(x, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+
+
+def center_crop(img, S):
+    """The test transform: the shorter side resized to round(256 S / 224) (256 at 224 px), then the
+    central S x S (torchvision's Resize + CenterCrop on tensors). (3, H, W) uint8 -> (1, 3, S, S)
+    float."""
+    R, (H, W) = round(256 * S / 224), img.shape[1:]
+    size = (R, int(R * W / H)) if H <= W else (int(R * H / W), R)
+    x = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True,
+                      align_corners=False)
+    top, left = int(round((size[0] - S) / 2.0)), int(round((size[1] - S) / 2.0))
+    return x[..., top:top + S, left:left + S]
+
+
+def _stream_stats(files, S, k=1024):
+    """Normalisation of a streamed folder: per-channel mean and std of up to k train images spread
+    evenly over the split, at the test transform, decoded on the CPU (the same in every process)."""
+    pick = torch.linspace(0, len(files) - 1, min(k, len(files))).round().long().unique().tolist()
+    cpu = torch.device("cpu")
+    s, s2 = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for img in _collect(_submit([files[i] for i in pick], cpu), cpu):
+        f = center_crop(img, S).double() / 255
+        s, s2 = s + f.sum(dim=(0, 2, 3)), s2 + f.pow(2).sum(dim=(0, 2, 3))
+    n = len(pick) * S * S
+    mean = s / n
+    std = ((s2 - n * mean ** 2) / max(n - 1, 1)).clamp_min(1e-12).sqrt()
+    return mean.float().view(1, 3, 1, 1), std.float().view(1, 3, 1, 1)
+
+
+def _share(s, n, bs):
+    """This process's contiguous slice [lo, hi) of the global batch that starts at s (of n)."""
+    b, W, r = min(bs, n - s), world(), rank()
+    return s + r * b // W, s + (r + 1) * b // W
+
+
+def beyond_batches(run, gen, views):
+    """train_batches for a streamed folder or under torchrun. Every process draws the same global
+    permutation and the same augmentation numbers for the whole global batch, in the order one
+    process draws them, and keeps its contiguous share: the union over the processes is the
+    one-process batch. Under torchrun only full global batches (bs / world images per process)."""
+    data, bs, N = run.data, run.args.batch_size, len(run.data.train_y)
+    perm = torch.randperm(N, generator=gen, device=data.train_y.device)
+    starts = range(0, N - 1, bs) if world() == 1 else range(0, N - bs + 1, bs)
+    if isinstance(data, StreamData):
+        yield from _stream_batches(run, gen, views, perm, starts)
+        return
+    for s in starts:
+        idx, (lo, hi) = perm[s:s + bs], _share(s, N, bs)
+        # BOILERPLATE: augment the whole global batch (one process's draws), keep this share.
+        xb = [run.layout(augment(data.train_x[idx], data, gen, run.args.pad_mode)[lo - s:hi - s])
+              for _ in range(views)]
+        yield (xb[0] if views == 1 else xb), data.train_y[perm[lo:hi]]
+
+
+def _stream_batches(run, gen, views, perm, starts):
+    """beyond_batches for a streamed folder: decode this process's share of each batch (the next
+    batch is read while this one trains), then crop, resize and flip it for each view."""
+    data, bs, N = run.data, run.args.batch_size, len(run.data.train_y)
+    order = perm.tolist()
+
+    def read(s):  # start reading this process's share of the batch that begins at s
+        lo, hi = _share(s, N, bs)
+        return _submit([data.train_files[i] for i in order[lo:hi]], run.device)
+    pending = read(starts[0]) if len(starts) else []
+    for k, s in enumerate(starts):
+        (lo, hi), b = _share(s, N, bs), min(bs, N - s)
+        imgs = _collect(pending, run.device)
+        if k + 1 < len(starts):
+            pending = read(starts[k + 1])
+        hw = torch.tensor([tuple(img.shape[1:]) for img in imgs])  # (b / W, 2)
+        xb = []
+        for _ in range(views):
+            # Per image of the GLOBAL batch: 22 numbers for the crop (rrc_boxes), 1 for the flip.
+            u = torch.rand(b, 23, generator=gen, device=gen.device)[lo - s:hi - s]
+            boxes = rrc_boxes(hw, u[:, :22].cpu()).tolist()
+            x = torch.cat([crop_resize(im, box, data.size) for im, box in zip(imgs, boxes)])
+            x = torch.where((u[:, 22] < 0.5).to(x.device)[:, None, None, None], x.flip(-1), x)
+            xb.append(run.layout((x / 255 - data.mean) / data.std))  # (b / W, 3, S, S)
+        yield (xb[0] if views == 1 else xb), data.train_y[perm[lo:hi]]
+
+
+@torch.no_grad()
+def evaluate_stream(run, model, evaluate):
+    """evaluate_all for a streamed folder: each process scores its contiguous shard of the test
+    split (test transform: center_crop); the correct counts are summed over the processes."""
+    data, ebs, n = run.data, run.args.eval_batch_size, len(run.data.test_y)
+    lo, hi = rank() * n // world(), (rank() + 1) * n // world()
+    starts = range(lo, hi, ebs)
+    read = lambda s: _submit(data.test_files[s:min(s + ebs, hi)], run.device)
+    model.eval()
+    names, correct, pending = None, None, read(starts[0])
+    for k, s in enumerate(starts):
+        imgs = _collect(pending, run.device)
+        if k + 1 < len(starts):
+            pending = read(starts[k + 1])
+        x = torch.cat([center_crop(img, data.size) for img in imgs])  # (b, 3, S, S)
+        x, y = run.layout((x / 255 - data.mean) / data.std), data.test_y[s:s + len(imgs)]
+        with run.autocast():
+            outs = evaluate(model, x)
+        hits = torch.stack([(z.argmax(-1) == y).sum() for z in outs.values()])  # (models,)
+        names, correct = list(outs), hits if correct is None else correct + hits
+    if world() > 1:
+        dist.all_reduce(correct)
+    model.train()
+    return {name: 100.0 * c / n for name, c in zip(names, correct.tolist())}
+
+
+# ----- 6e. Multi-GPU: torchrun --nproc-per-node N <method>.py ... (docs/distributed.md) -----
+# The gradients are averaged by torch.distributed.all_reduce in a step pre-hook of every optimiser,
+# not by a DistributedDataParallel wrapper: the methods call their sub-networks directly (PCL
+# model.student and model.mean, DML each net, FFSD Net.features of every network), so DDP, or its
+# composable replicate(), on the top model never sees those forward passes and would synchronise
+# nothing, and wrapping each part would change every method file. The hook sees every gradient of
+# every optimiser (FFSD's Adams too), however the forward passes are composed; the price is that
+# communication does not overlap the backward pass.
+def world():
+    """Processes of this run: torchrun's WORLD_SIZE once dist_setup has joined the group, else 1."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def quiet_unless_rank0():
+    """For fail(): under torchrun every process runs the same checks and meets the same error; a
+    process other than rank 0 exits without a message (status 1), after a pause that lets rank 0's
+    line come out first (torchrun stops the other processes as soon as one fails)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(3)
+        raise SystemExit(1)
+
+
+def dist_setup(args, device):
+    """Under torchrun (WORLD_SIZE > 1): check the launch, join the process group (nccl on CUDA,
+    gloo on CPU), use GPU LOCAL_RANK, silence stdout on ranks > 0. Returns the device to train on
+    (unchanged for one process)."""
+    W = int(os.environ.get("WORLD_SIZE", "1"))
+    if W == 1:
+        return device
+    if args.batch_size % W:
+        fail(f"--batch-size {args.batch_size} is not divisible by the {W} processes torchrun "
+             f"started (each takes batch-size / processes images of every global batch)")
+    if args.sync_bn and device.type != "cuda":
+        fail("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels); without it "
+             "BatchNorm runs per process")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_available():
+        fail(f"torchrun started {W} processes but this PyTorch build has no torch.distributed; "
+             f"run one process")
+    if not (dist.is_nccl_available() if backend == "nccl" else dist.is_gloo_available()):
+        fail(f"torchrun on {device.type.upper()} needs the {backend} backend, which this PyTorch "
+             f"build lacks" + ("; try --device cpu (gloo)" if backend == "nccl" else ""))
+    if device.type == "cuda":
+        local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", W)), torch.cuda.device_count()
+        if local_world > gpus:
+            fail(f"torchrun started {local_world} processes on this machine but {gpus} GPU(s) are "
+                 f"visible; use --nproc-per-node {gpus} or fewer (one GPU per process)")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        try:
+            dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        except Exception as e:
+            first = str(e).splitlines()[0] if str(e) else ""
+            fail(f"torchrun: cannot join the process group ({type(e).__name__}: {first})")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    if rank() > 0:
+        sys.stdout = open(os.devnull, "w")  # BOILERPLATE: only rank 0 prints (and writes)
+    bn = "synchronised (--sync-bn)" if args.sync_bn else "per process"
+    print(f"torchrun: {W} processes ({backend}), {args.batch_size // W} images of every global "
+          f"batch of {args.batch_size} each, BatchNorm {bn}", flush=True)
+    return device
+
+
+def dist_prepare(run, model, optimizers):
+    """Under torchrun, before the first step: SyncBatchNorm if asked; every process starts from
+    rank 0's weights and buffers (as DDP does); every optimiser averages the gradients over the
+    processes before it steps."""
+    if world() == 1:
+        return
+    if run.steps_per_epoch == 0:
+        fail(f"the train split ({len(run.data.train_y)} images) is smaller than one global batch "
+             f"(--batch-size {run.args.batch_size}); under torchrun only full global batches are "
+             f"used")
+    if run.args.sync_bn:  # in place: the optimisers keep the same Parameter objects
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    _broadcast(list(model.parameters()) + list(model.buffers()))
+    for opt in optimizers.values():
+        opt.register_step_pre_hook(_average_gradients)
+
+
+def dist_summary(run):
+    """final.json fields of a torchrun run (none for one process): processes, BatchNorm mode and the
+    command with its launcher."""
+    if world() == 1:
+        return {}
+    script = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
+    return {"processes": world(), "sync_bn": run.args.sync_bn,
+            "command": f"torchrun --nproc-per-node={world()} {script}"}
+
+
+def dist_sync_buffers(model):
+    """After every train step under torchrun: every process takes rank 0's buffers (BatchNorm
+    running statistics, those of PCL's train-mode mean model included), as DDP's broadcast_buffers
+    and nn.DataParallel do. Evaluation and checkpoints then see the same model everywhere."""
+    if world() > 1:
+        _broadcast(list(model.buffers()))
+
+
+@torch.no_grad()
+def _average_gradients(optimizer, args, kwargs):
+    """Optimiser step pre-hook: every gradient becomes its mean over the processes (one all_reduce
+    per dtype), so that every process takes the same step, the step of the whole global batch."""
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    for dtype in sorted({g.dtype for g in grads}, key=str):
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in same])
+        dist.all_reduce(flat)  # sum over the processes
+        flat /= world()
+        for g, v in zip(same, flat.split([g.numel() for g in same])):
+            g.copy_(v.view(g.shape))
+
+
+@torch.no_grad()
+def _broadcast(tensors):
+    """Rank 0's values into `tensors` on every process (one broadcast per dtype)."""
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        same = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.broadcast(flat, 0)
+        for t, v in zip(same, flat.split([t.numel() for t in same])):
+            t.copy_(v.view(t.shape))

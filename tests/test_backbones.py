@@ -40,6 +40,8 @@ PARAMS = {
     "densenet40_12_plain": (1_059_298, 1_100_428),
     "resnext29_2x64d": (9_130_314, 9_222_564),
     "googlenet": (6_166_250, 6_258_500),
+    "resnet18": (11_181_642, 11_227_812),       # torchvision's ImageNet nets: 11,689,512 / 21,797,672 at 1000
+    "resnet34": (21_289_802, 21_335_972),
 }
 
 # (C, H, W) of each stage output for a 32x32 input: FFSD's taps (FFSD official code, models/*_cifar.py)
@@ -55,6 +57,8 @@ STAGES = {
     "densenet40_12_plain": [(168, 32, 32), (312, 16, 16), (456, 8, 8)],
     "resnext29_2x64d": [(256, 32, 32), (512, 16, 16), (1024, 8, 8)],
     "googlenet": [(480, 32, 32), (832, 16, 16), (1024, 8, 8)],
+    "resnet18": [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)],  # ImageNet stem: /4 before stage 1
+    "resnet34": [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)],
 }
 
 # (shared trunk, one branch) parameters on CIFAR-100, split as in the ONE / OKDDip official codes
@@ -113,14 +117,14 @@ class TestBackbones(unittest.TestCase):
                 self.assertEqual(common.num_params(mb), trunk + 3 * branch)
                 self.assertEqual(common.num_params(mb.single(2)), full)
                 shapes = STAGES[arch]
-                self.assertEqual(mb.trunk_channels, shapes[1][0])  # every backbone splits after stage 2
+                self.assertEqual(mb.trunk_channels, shapes[-2][0])  # every backbone splits before its last stage
                 self.assertEqual(mb.feature_dim, shapes[-1][0])
                 with torch.no_grad():
                     logits, feats, t = mb(x)
                     single = mb.single(1)(x)
                 self.assertEqual(tuple(logits.shape), (3, 2, 100))
                 self.assertEqual(tuple(feats.shape), (3, 2, shapes[-1][0]))
-                self.assertEqual(tuple(t.shape), (2, *shapes[1]))
+                self.assertEqual(tuple(t.shape), (2, *shapes[-2]))
                 torch.testing.assert_close(single, logits[1])
                 # branches are built from separate backbones: their initial weights differ
                 self.assertFalse(torch.equal(logits[0], logits[1]))
