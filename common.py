@@ -761,7 +761,8 @@ class Run:
         run's device, cached under `name` and rewritten in place (fill_, a kernel launch that
         carries the number: no copy, no host sync) only when the value changes. A step that
         multiplies by it keeps one set of kernels for the whole run (capture- and compile-safe) and
-        never builds a tensor from a Python number (a blocking host-to-device copy on CUDA)."""
+        never builds a tensor from a Python number (a blocking host-to-device copy on CUDA). A
+        logged value aliases it: fit stacks each step's logs at once, before any change."""
         t, old = self.scalars.get(name, (None, None))
         if t is None:
             t = torch.full((), value, dtype=torch.float32, device=self.device)
