@@ -278,7 +278,7 @@ class CudaRules(unittest.TestCase):
         if diff:
             problems.append(f"a Python number differs between the steps of epochs 0 and 200 "
                             f"(baked into the step): {diff}")
-        self.assertEqual(problems, [], f"{name} {kw or ''} breaks CUDA's rules")
+        self.assertEqual(problems, [], f"{name}{' ' + str(kw) if kw else ''} breaks CUDA's rules")
         # the audit saw a bf16 forward, the fused optimiser step(s) and the scoring
         self.assertGreater(steps[1].bf16_in_networks, 0)
         self.assertTrue(any("_fused_sgd_" in op for op, _ in steps[1].trace))
