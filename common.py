@@ -83,6 +83,11 @@ class TrainArgs:
     device: str = arg("auto", "auto = cuda if available, else cpu", choices=["auto", "cpu", "cuda"])
     bf16: bool = arg(True, "bf16 autocast for forward and loss (CUDA only; ignored on CPU)")
     channels_last: bool = arg(True, "channels_last memory layout (CUDA only; ignored on CPU)")
+    drop_last: bool = arg(False, "drop each epoch's last partial training batch, so every step has "
+                                 "the same shape (default: kept, as the papers' DataLoader does; "
+                                 "--compile implies it)")
+    compile: bool = arg(False, "torch.compile the networks' forward (opt-in; implies --drop-last; "
+                               "eager's numbers up to float rounding; the first steps compile)")
     eval_batch_size: int = arg(1000, "test-time batch size")
     out: str = arg("", "output directory (default runs/<method>-<arch>-<dataset>-seed<seed>)")
     resume: bool = arg(False, "continue from the checkpoint in --out")
@@ -676,13 +681,13 @@ def augment(x, data, gen, pad_mode="zero"):
 def train_batches(run, gen, views=1):
     """One epoch of (x, y): shuffled, augmented on the device. x is a tensor, or a list of `views`
     independently augmented copies of the same images (one per peer). A last batch of 1 image is dropped
-    (BatchNorm cannot train on it)."""
+    (BatchNorm cannot train on it); with --drop-last (or --compile) every partial last batch is."""
     if world() > 1 or isinstance(run.data, StreamData):  # section 6: torchrun, streamed folders
         yield from beyond_batches(run, gen, views)
         return
     data, bs = run.data, run.args.batch_size
     perm = torch.randperm(len(data.train_y), generator=gen, device=data.train_y.device)
-    for s in range(0, len(perm) - 1, bs):
+    for s in range(0, len(perm) - bs + 1 if run.drop_last else len(perm) - 1, bs):
         idx = perm[s:s + bs]
         xb = [run.layout(augment(data.train_x[idx], data, gen, run.args.pad_mode)) for _ in range(views)]
         yield (xb[0] if views == 1 else xb), data.train_y[idx]
@@ -726,6 +731,63 @@ def sgd(params, args, weight_decay=None):
                            fused=fused or None)
 
 
+def adam(params, lr, weight_decay):
+    """Adam (coupled L2 weight decay); fused on CUDA, like sgd: one kernel per step, and it reads a
+    device-tensor learning rate (set_lr), which the non-fused CUDA paths cannot without a sync."""
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda for p in params)  # BOILERPLATE: speed only, same rule
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def set_lr(run, optimizers, epoch):
+    """Every group's LR = its base_lr (the LR it was built with) x lr_factor(epoch); returns the
+    first group's LR as a number (for the log). On CUDA a group whose optimiser runs a fused (or
+    capturable) kernel holds its LR as a 0-d float32 device tensor rewritten in place (fill_: no
+    copy, no host sync), so a compiled or captured step reads the current LR instead of baking in a
+    number; elsewhere (CPU) the LR stays a Python float, so CPU numbers are exactly those of a plain
+    float schedule. Either form goes through a checkpoint: a resumed run converts it here."""
+    first = None
+    for opt in optimizers.values():
+        for g in opt.param_groups:
+            if "base_lr" not in g:  # the first call (or an old checkpoint): read the built LR once
+                g["base_lr"] = float(g["lr"])
+            lr = g["base_lr"] * lr_factor(epoch, run.args)
+            first = lr if first is None else first
+            dev = g["params"][0].device if g["params"] else run.device
+            if dev.type == "cuda" and (g.get("fused") or g.get("capturable")):
+                old = g["lr"]
+                if torch.is_tensor(old) and old.device == dev and old.dtype == torch.float32:
+                    old.fill_(lr)
+                else:
+                    g["lr"] = torch.full((), lr, dtype=torch.float32, device=dev)
+            else:
+                g["lr"] = lr
+    return first
+
+
+def fp32_region(x):
+    """`with fp32_region(x):` autocast off for x's device type: matmul, einsum, bmm and Linear
+    inside run in float32 on float32 inputs. CUDA autocast lowers those ops to bf16 whatever their
+    inputs' dtype, so a .float() before them is not enough. Nothing changes where no autocast is
+    active (CPU runs)."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def compile_model(model):
+    """--compile: torch.compile the forward of every module a method calls: the model itself when
+    it has a forward, else each child that has one (PCL's student and temporal mean, DML's
+    networks). In place (nn.Module.compile): the module tree, its state_dict keys, checkpoints and
+    exports are unchanged. Shapes are static (dynamic=False; --compile implies --drop-last);
+    train/eval mode, grad mode and the last partial test batch each compile once. Modules called
+    other ways (FFSD's evaluate reads net.features) stay eager."""
+    if type(model).forward is nn.Module.forward:  # no forward of its own (ModuleList, PCL)
+        for child in model.children():
+            compile_model(child)
+    else:
+        model.compile(dynamic=False)
+    return model
+
+
 @dataclass
 class Run:
     args: object
@@ -735,17 +797,40 @@ class Run:
     out: str
     amp: bool  # bf16 autocast active
     channels_last: bool
+    scalars: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> (tensor, value)
 
     @property
     def num_classes(self):
         return len(self.data.classes)
 
     @property
+    def drop_last(self):
+        """Every training batch full (--drop-last, implied by --compile): static shapes."""
+        return self.args.drop_last or self.args.compile
+
+    @property
     def steps_per_epoch(self):
-        """Batches per epoch as train_batches yields them (a last batch of 1 image is dropped)."""
+        """Batches per epoch as train_batches yields them (a last batch of 1 image is dropped; with
+        drop_last every partial one is)."""
+        n, bs = len(self.data.train_y), self.args.batch_size
         if world() > 1:  # section 6: under torchrun only full global batches (equal shares)
-            return len(self.data.train_y) // self.args.batch_size
-        return len(range(0, len(self.data.train_y) - 1, self.args.batch_size))
+            return n // bs
+        return n // bs if self.drop_last else len(range(0, n - 1, bs))
+
+    def scalar(self, name, value):
+        """A number a step uses (a ramp-up weight, an EMA factor) as a 0-d float32 tensor on the
+        run's device, cached under `name` and rewritten in place (fill_, a kernel launch that
+        carries the number: no copy, no host sync) only when the value changes. A step that
+        multiplies by it keeps one set of kernels for the whole run (capture- and compile-safe) and
+        never builds a tensor from a Python number (a blocking host-to-device copy on CUDA). A
+        logged value aliases it: fit stacks each step's logs at once, before any change."""
+        t, old = self.scalars.get(name, (None, None))
+        if t is None:
+            t = torch.full((), value, dtype=torch.float32, device=self.device)
+        elif value != old:
+            t.fill_(value)
+        self.scalars[name] = (t, value)
+        return t
 
     def layout(self, x):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -792,7 +877,13 @@ def setup(args, method):
         torch.backends.cudnn.benchmark = True
     data = load_data(args, device)
     cuda = device.type == "cuda"
-    return Run(args, method, device, data, out, amp=cuda and args.bf16, channels_last=cuda and args.channels_last)
+    run = Run(args, method, device, data, out, amp=cuda and args.bf16,
+              channels_last=cuda and args.channels_last)
+    if run.drop_last and run.steps_per_epoch == 0:
+        why = "--drop-last" if args.drop_last else "--compile (implies --drop-last)"
+        fail(f"--batch-size {args.batch_size} with {why} leaves no training batch: the training "
+             f"set has {len(data.train_y)} images; lower --batch-size")
+    return run
 
 
 def _write_text(path, text):
@@ -828,7 +919,11 @@ def save_checkpoint(path, obj):
 
 @torch.no_grad()
 def evaluate_all(run, model, evaluate):
-    """Top-1 accuracy (%) of every model the method names: evaluate(model, x) -> {name: logits (B, C)}."""
+    """Top-1 accuracy (%) of every model the method names: evaluate(model, x) -> {name: logits (B, C)}.
+    The forward runs under the training autocast (bf16 on CUDA: the numerics the networks were
+    trained with, at bf16 speed); the scored logits are cast to float32 before the arg-max (the
+    ensembles average float32 logits). The cast does not undo the forward's bf16 rounding of the
+    logits."""
     if isinstance(run.data, StreamData):  # section 6: decoded from disk, scored in shards
         return evaluate_stream(run, model, evaluate)
     model.eval()
@@ -839,7 +934,7 @@ def evaluate_all(run, model, evaluate):
         with run.autocast():
             outs = evaluate(model, x)
         for name, logits in outs.items():
-            correct[name] = correct.get(name, 0) + (logits.argmax(-1) == y).sum()
+            correct[name] = correct.get(name, 0) + (logits.float().argmax(-1) == y).sum()
     model.train()
     return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
 
@@ -865,10 +960,9 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
     start, history, best = 0, [], {"acc": -1.0, "epoch": 0}
     if args.resume:
         start, history, best = _load_checkpoint(run, ckpt_path, model, optimizers, gen)
-    for opt in optimizers.values():
-        for g in opt.param_groups:
-            g.setdefault("base_lr", g["lr"])
     dist_prepare(run, model, optimizers)  # section 6: under torchrun, gradients averaged
+    if args.compile:
+        compile_model(model)
     n_train = len(run.data.train_y)
     print(f"{run.method}.py | {args.arch} | {args.dataset} ({n_train} train / {len(run.data.test_y)} test, "
           f"{run.num_classes} classes) | {run.device.type}{' bf16' if run.amp else ''} | seed {args.seed} | "
@@ -884,9 +978,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 print(f"stopped after epoch {epoch} of {args.epochs} (--stop-after {args.stop_after}); "
                       f"continue with: {again}", flush=True)
                 return {"stopped_after_epoch": epoch, "out": run.out, "resume_command": again}
-            for opt in optimizers.values():
-                for g in opt.param_groups:
-                    g["lr"] = g["base_lr"] * lr_factor(epoch, args)
+            lr = set_lr(run, optimizers, epoch)
             model.train()
             names, seen = None, 0
             t0 = time.perf_counter()
@@ -919,7 +1011,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
             for name, members in (averages or {}).items():
                 accs[name] = sum(accs[m] for m in members) / len(members)
             train_time, images = train_time + sec, images + seen
-            row = {"epoch": epoch + 1, "lr": optimizers[next(iter(optimizers))].param_groups[0]["lr"],
+            row = {"epoch": epoch + 1, "lr": lr,
                    **{k: v / seen for k, v in sums.items()}, **{f"acc/{k}": v for k, v in accs.items()},
                    "sec": sec, "images": seen, "images_per_s": seen / sec}
             history.append(row)
@@ -943,7 +1035,10 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 "model": model.state_dict(),
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else None,
+                # BOILERPLATE: the run device's RNG only (another GPU count must not matter)
+                "device": run.device.type,
+                "device_rng": (torch.cuda.get_rng_state(run.device) if run.device.type == "cuda"
+                               else None),
                 "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "args": dataclasses.asdict(args)})
             saved = epoch + 1
     except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is the last completed epoch, consistent as is
@@ -1014,10 +1109,20 @@ def _load_checkpoint(run, path, model, optimizers, gen):
                    and k not in ("resume", "stop_after", "out", "log_every")]
         fail(f"--resume: the weights in {path!r} do not fit this model ({type(e).__name__}); "
              f"changed since that run: {', '.join(changed) or 'nothing recorded'}")
-    gen.set_state(ck["gen"])
-    torch.set_rng_state(ck["torch_rng"])
-    if ck["cuda_rng"] is not None and run.device.type == "cuda":
-        torch.cuda.set_rng_state_all(ck["cuda_rng"])
+    torch.set_rng_state(ck["torch_rng"])  # the CPU RNG: restorable on any device
+    # Older checkpoints: no "device" key, every visible GPU's RNG state as "cuda_rng".
+    saved = ck.get("device", "cuda" if ck.get("cuda_rng") is not None else "cpu")
+    if saved == run.device.type:
+        gen.set_state(ck["gen"])
+        rng = ck.get("device_rng") if "device" in ck else (ck.get("cuda_rng") or [None])[0]
+        if rng is not None and run.device.type == "cuda":
+            torch.cuda.set_rng_state(rng, run.device)
+    else:  # a CUDA generator's state cannot be set on a CPU one (nor the reverse): continue, say so
+        gen.manual_seed(run.args.seed + 1_000_003 * ck["epoch"])
+        print(f"warning: --resume: {path!r} was written on {saved}, this run is on "
+              f"{run.device.type}: weights, optimiser state and schedule continue, but the "
+              f"data-order and augmentation RNG restarts (seeded from --seed and the epoch), so "
+              f"the run is not bit-for-bit an uninterrupted one", file=sys.stderr, flush=True)
     if "python_rng" in ck:  # checkpoints written before these two were saved lack them
         random.setstate(ck["python_rng"])
         np.random.set_state(ck["numpy_rng"])
@@ -1385,7 +1490,7 @@ def evaluate_stream(run, model, evaluate):
         x, y = run.layout((x / 255 - data.mean) / data.std), data.test_y[s:s + len(imgs)]
         with run.autocast():
             outs = evaluate(model, x)
-        hits = torch.stack([(z.argmax(-1) == y).sum() for z in outs.values()])  # (models,)
+        hits = torch.stack([(z.float().argmax(-1) == y).sum() for z in outs.values()])  # (models,)
         names, correct = list(outs), hits if correct is None else correct + hits
     if world() > 1:
         dist.all_reduce(correct)

@@ -248,8 +248,8 @@ def build_optimizers(model, args):
     opts["fusion"] = common.sgd(model.fusion.parameters(), args, weight_decay=args.fusion_wd)
     opts["leader"] = common.sgd([*model.leader.parameters(), *model.decoder.parameters()], args)
     for k, sd in enumerate(model.sd_students, start=1):
-        opts[f"sd/student{k + 1}"] = torch.optim.Adam(sd.parameters(), lr=args.sd_lr, weight_decay=args.weight_decay)
-    opts["sd/leader"] = torch.optim.Adam(model.sd_leader.parameters(), lr=args.sd_lr, weight_decay=args.weight_decay)
+        opts[f"sd/student{k + 1}"] = common.adam(sd.parameters(), args.sd_lr, args.weight_decay)
+    opts["sd/leader"] = common.adam(model.sd_leader.parameters(), args.sd_lr, args.weight_decay)
     return opts
 
 
@@ -343,7 +343,8 @@ def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
     with run.autocast():
         out = model(x)  # every network on the same batch; SD teachers use the pre-update SD weights
-        loss, logs = ffsd_loss(out, y, run.args, warmup(epoch, run.args))
+        # the lambdas' warm-up factor as a 0-d device tensor (Run.scalar): no number baked in
+        loss, logs = ffsd_loss(out, y, run.args, run.scalar("warmup", warmup(epoch, run.args)))
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     # NOTE(deviation): one summed backward instead of the official code's backward per network; every parameter

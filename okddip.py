@@ -77,11 +77,13 @@ class OKDDip(nn.Module):
         self.key = nn.Linear(D, D // 8, bias=False)
 
     def attention(self, h):
-        """h: (m, B, D) pooled features of the auxiliary peers only. Returns A (B, m, m), rows sum to 1."""
+        """h: (m, B, D) pooled features of the auxiliary peers only. Returns A (B, m, m), rows sum
+        to 1, computed in float32 (projections, energies, softmax) even under autocast."""
         # ===== BEGIN ALGO: attention =====
-        q, k = self.query(h), self.key(h)  # (m, B, D/8) each
-        # ALGO: energy[a, b] = q_a . k_b per sample, no 1/sqrt(d) scaling.
-        energy = torch.einsum("abd,cbd->bac", q.float(), k.float())  # (B, m, m): [sample, query a, key b]
+        with common.fp32_region(h):
+            q, k = self.query(h.float()), self.key(h.float())  # (m, B, D/8) each
+            # ALGO: energy[a, b] = q_a . k_b per sample, no 1/sqrt(d) scaling.
+            energy = torch.einsum("abd,cbd->bac", q, k)  # (B, m, m): [sample, query a, key b]
         if self.exclude_self:  # NOTE(deviation): optional, not the official code: a peer not in its own target.
             energy = energy.masked_fill(torch.eye(self.m, dtype=torch.bool, device=energy.device), float("-inf"))
         # ALGO: softmax over the keys b (row a sums to 1), the peer itself included by default.
@@ -113,12 +115,14 @@ def peer_targets(peer_logits, A):
     # ===== BEGIN ALGO: peer targets =====
     # ALGO: OKDDip official code (models/model_cifar/*_GL.py): targets mix LOGITS (softmax(./T) comes inside the
     # KD), per sample.
-    return torch.einsum("bac,cbk->abk", A.float(), peer_logits.float())
+    with common.fp32_region(A):  # float32 even under autocast (it would lower the einsum to bf16)
+        return torch.einsum("bac,cbk->abk", A.float(), peer_logits.float())
     # ===== END ALGO =====
 
 
 def okddip_loss(logits, A, y, w, args):
-    """logits: (m + 1, B, C), peers then leader; A: (B, m, m); w: ramp-up weight. Returns (loss, logs)."""
+    """logits: (m + 1, B, C), peers then leader; A: (B, m, m); w: ramp-up weight (a number, or a 0-d
+    tensor on the device: Run.scalar). Returns (loss, logs)."""
     # ===== BEGIN ALGO: loss =====
     T, m, loss, logs = args.temperature, A.shape[-1], 0.0, {}
     peers, leader = logits[:m], logits[m]  # (m, B, C), (B, C)
@@ -135,8 +139,9 @@ def okddip_loss(logits, A, y, w, args):
     ce_l, kd_l = F.cross_entropy(leader.float(), y), common.kd_loss(leader, peers.float().mean(0), T)
     # ALGO: L = sum_a (CE_a + w KD_a) + CE_L + w KD_L: sums over peers, one w for both levels.
     loss = loss + ce_l + w * kd_l
+    w_log = torch.as_tensor(w, dtype=torch.float32, device=ce_l.device)  # a device tensor w: itself
     return loss, {"loss": loss.detach(), **logs, "ce/leader": ce_l.detach(), "kd/leader": kd_l.detach(),
-                  "w": ce_l.new_tensor(w).detach()}
+                  "w": w_log.detach()}
     # ===== END ALGO =====
 
 
@@ -144,7 +149,7 @@ def okddip_loss(logits, A, y, w, args):
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
     # ALGO: w(e) from the 0-based epoch, constant within an epoch (OKDDip official code, train_GL.py: --length 80).
-    w = common.sigmoid_rampup(epoch, run.args.rampup_epochs)
+    w = run.scalar("w", common.sigmoid_rampup(epoch, run.args.rampup_epochs))  # 0-d device tensor
     with run.autocast():
         logits, A = model(x)  # (m + 1, B, C), (B, m, m)
         loss, logs = okddip_loss(logits, A, y, w, run.args)

@@ -42,6 +42,7 @@ FFSD Table II quotes ONE ResNet-32 CIFAR-100 as 73.39 % accuracy); PCL Tables 1-
 import dataclasses
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -86,7 +87,9 @@ class ONE(nn.Module):
         """Returns branch logits z (m, B, C), gate g (B, m), teacher logits z_e (B, C)."""
         z, _, t = self.net(x)  # z: (m, B, C); t: trunk output (B, C_trunk, H, W)
         # ===== BEGIN ALGO: gated teacher =====
-        g = F.softmax(self.gate(t).float(), dim=1)  # (B, m): softmax over branches, rows sum to 1
+        # The gate in float32 even under autocast (a tiny Linear C_trunk -> m feeding a softmax).
+        with common.fp32_region(t):
+            g = F.softmax(self.gate(t.float()), dim=1)  # (B, m): over the branches, rows sum to 1
         # ALGO: z_e = sum_i g_i * z_i, per sample, on LOGITS; nothing detached, so CE(z_e) trains gate, branches, trunk.
         z_e = (g.t().unsqueeze(-1) * z.float()).sum(0)  # (m, B, 1) * (m, B, C) -> (B, C)
         return z, g, z_e
@@ -107,7 +110,8 @@ def build_optimizers(model, args):
 
 # ===== 4. Loss =====
 def one_loss(logits, z_e, y, w, args):
-    """logits: (m, B, C) branches; z_e: (B, C) gated teacher; w: ramp-up weight. Returns (loss, logs)."""
+    """logits: (m, B, C) branches; z_e: (B, C) gated teacher; w: ramp-up weight (a number, or a 0-d
+    tensor on the device: Run.scalar). Returns (loss, logs)."""
     # ===== BEGIN ALGO: loss =====
     T, loss, logs = args.temperature, 0.0, {}
     # ALGO: official ONE code, cifar_one.py: CE(z_e, y) trains the teacher, hence the gate (mean over the batch).
@@ -123,7 +127,8 @@ def one_loss(logits, z_e, y, w, args):
         logs[f"ce/branch{i + 1}"], logs[f"kd/branch{i + 1}"] = ce.detach(), kd.detach()
     # ALGO: L = sum_i CE_i + CE_e + w(e) * sum_i KD_i (plain sums, all weights 1).
     loss = loss + ce_e
-    return loss, {"loss": loss.detach(), **logs, "ce/one_e": ce_e.detach(), "w": ce_e.new_tensor(w).detach()}
+    w_log = torch.as_tensor(w, dtype=torch.float32, device=ce_e.device)  # a device tensor w: itself
+    return loss, {"loss": loss.detach(), **logs, "ce/one_e": ce_e.detach(), "w": w_log.detach()}
     # ===== END ALGO =====
 
 
@@ -131,7 +136,7 @@ def one_loss(logits, z_e, y, w, args):
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
     # ALGO: w(e) from the 0-based epoch, constant within an epoch (official ONE code, utils/ramps.py).
-    w = common.sigmoid_rampup(epoch, run.args.rampup_epochs)
+    w = run.scalar("w", common.sigmoid_rampup(epoch, run.args.rampup_epochs))  # 0-d device tensor
     with run.autocast():
         logits, _, z_e = model(x)  # (m, B, C), (B, m), (B, C)
         loss, logs = one_loss(logits, z_e, y, w, run.args)

@@ -73,6 +73,8 @@ class PeerNet(nn.Module):
         super().__init__()
         self.peers = common.MultiBranch(arch, num_classes, m)
         # ALGO: peer ensemble teacher: one Linear (with bias) on concat(h_1..h_m), m*D wide (192 for ResNet-32).
+        # A classifier like every peer's fc: under autocast its logits are bf16, as theirs are; the
+        # loss casts them to float32 before every softmax, CE and KL.
         self.head = nn.Linear(m * self.peers.feature_dim, num_classes)
 
     def forward(self, x):
@@ -113,7 +115,8 @@ def build_optimizers(model, args):
 # ===== 4. Loss =====
 def pcl_loss(logits, ens_logits, mean_logits, y, w, args):
     """logits: (m, B, C) peer j on view x_j; ens_logits: (B, C) z_e; mean_logits: (m, B, C) temporal-mean peer
-    k on view x_k; w: ramp-up weight w(e). Returns (L, logs); logged KD terms are unweighted sums over peers."""
+    k on view x_k; w: ramp-up weight w(e) (a number or a 0-d device tensor). Returns (L, logs);
+    logged KD terms are unweighted sums over peers."""
     # ===== BEGIN ALGO: loss =====
     m, T = logits.shape[0], args.temperature
     # ALGO: CE(z_e, y): the only loss of the ensemble head; its gradient also reaches every peer and the trunk.
@@ -146,11 +149,13 @@ def ema_decay(g, beta):
 
 @torch.no_grad()
 def ema_update(mean, student, phi):
-    """theta' <- phi theta' + (1 - phi) theta for every parameter; BN running statistics are left alone."""
+    """theta' <- phi theta' + (1 - phi) theta for every parameter; BN running statistics are left
+    alone. phi: a number, or a 0-d float32 tensor on the parameters' device (Run.scalar: the step
+    then bakes in no number)."""
     # ===== BEGIN ALGO: temporal mean -- theta' <- phi theta' + (1 - phi) theta, parameters only =====
     mean_params, params = list(mean.parameters()), list(student.parameters())
     torch._foreach_mul_(mean_params, phi)  # one fused kernel per op on GPU instead of one per tensor
-    torch._foreach_add_(mean_params, params, alpha=1.0 - phi)
+    torch._foreach_add_(mean_params, torch._foreach_mul(params, 1 - phi))
     # ===== END ALGO =====
 
 
@@ -158,7 +163,7 @@ def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
     args = run.args
     # ALGO: ramp-up weight of both KD terms, one value per 0-based epoch: w(0) = 0.0067, w(40) = 0.287, w(80) = 1.
-    w = common.sigmoid_rampup(epoch, args.rampup_epochs)
+    w = run.scalar("w", common.sigmoid_rampup(epoch, args.rampup_epochs))  # 0-d device tensor
     with run.autocast():
         logits, ens_logits = model.student(x)  # (m, B, C), (B, C); x = [x_1..x_m], peer j on x_j
         with torch.no_grad():
@@ -171,10 +176,10 @@ def train_step(model, optimizers, x, y, epoch, step, run):
     optimizers["sgd"].step()
     # ALGO: temporal mean after every optimiser step, g = the 0-based global step (so --resume stays exact).
     if not args.ema_per_epoch:
-        ema_update(model.mean, model.student, ema_decay(step, args.ema_decay))
+        ema_update(model.mean, model.student, run.scalar("phi", ema_decay(step, args.ema_decay)))
     elif (step + 1) % run.steps_per_epoch == 0:
         # NOTE(deviation): the presentation's "g = epoch" reading: one update at each epoch end, g = epoch.
-        ema_update(model.mean, model.student, ema_decay(epoch, args.ema_decay))
+        ema_update(model.mean, model.student, run.scalar("phi", ema_decay(epoch, args.ema_decay)))
     return logs
     # ===== END ALGO =====
 

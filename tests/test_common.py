@@ -216,6 +216,68 @@ class TestSchedulesAndLoss(unittest.TestCase):
         self.assertEqual((g["lr"], g["momentum"], g["nesterov"], g["weight_decay"]), (0.1, 0.9, True, 5e-4))
 
 
+class TestCaptureSafe(unittest.TestCase):
+    """Per-epoch numbers reach the step as device tensors; the last partial batch can be dropped."""
+
+    def test_scalar_is_one_device_tensor_rewritten_in_place(self):
+        run = fake_run(common.TrainArgs(dataset="fake", device="cpu"), n=16)
+        w = run.scalar("w", 0.25)
+        self.assertEqual((w.dtype, w.dim(), w.device, w.item()),
+                         (torch.float32, 0, run.device, 0.25))
+        version = w._version
+        self.assertIs(run.scalar("w", 0.25), w)
+        self.assertEqual(w._version, version)  # same value: no kernel at all
+        self.assertIs(run.scalar("w", 0.5), w)  # a new value: written into the same tensor
+        self.assertEqual((w.item(), w._version), (0.5, version + 1))
+        self.assertIsNot(run.scalar("phi", 0.5), w)
+
+    def test_set_lr_floats_on_cpu_device_tensors_for_fused_cuda_optimisers(self):
+        args = common.TrainArgs(dataset="fake", device="cpu", epochs=4, lr=0.1, lr_decay_at="0.5")
+        run = fake_run(args, n=16)
+        opts = {"sgd": common.sgd([torch.nn.Parameter(torch.zeros(2))], args)}
+        g = opts["sgd"].param_groups[0]
+        self.assertEqual((common.set_lr(run, opts, 1), g["lr"]), (0.1, 0.1))
+        self.assertEqual((common.set_lr(run, opts, 2), g["lr"], g["base_lr"]),
+                         (0.1 * 0.1, 0.1 * 0.1, 0.1))
+        g["lr"] = torch.tensor(0.01)  # as a CUDA run's checkpoint holds it (loaded on the CPU)
+        common.set_lr(run, opts, 3)
+        self.assertEqual((type(g["lr"]), g["lr"]), (float, 0.1 * 0.1))
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode(), torch.device("cuda"):  # fake CUDA tensors: devices, dtypes, no data
+            cuda = common.Run(args, "t", torch.device("cuda"), None, "", amp=True,
+                              channels_last=False)
+            opts = {"sgd": common.sgd([torch.nn.Parameter(torch.zeros(2))], args),
+                    "adam": common.adam([torch.nn.Parameter(torch.zeros(2))], 1e-3, 0.0)}
+            self.assertTrue(opts["sgd"].defaults["fused"] and opts["adam"].defaults["fused"])
+            # as a checkpoint restores them (loaded on the CPU)
+            opts["sgd"].param_groups[0].update(lr=torch.tensor(0.01), base_lr=0.1)
+            self.assertEqual(common.set_lr(cuda, opts, 0), 0.1)
+            lrs = [g["lr"] for o in opts.values() for g in o.param_groups]
+            for lr in lrs:
+                self.assertEqual((type(lr).__name__, lr.device.type, lr.dtype, lr.dim()),
+                                 ("FakeTensor", "cuda", torch.float32, 0))
+            self.assertEqual(common.set_lr(cuda, opts, 2), 0.1 * 0.1)
+            now = [g["lr"] for o in opts.values() for g in o.param_groups]
+            self.assertTrue(all(a is b for a, b in zip(now, lrs)))  # rewritten in place
+
+    def test_drop_last_keeps_only_full_batches_and_steps_per_epoch_agrees(self):
+        # 20 images, batches of 8: 8, 8, 4 by default; 8, 8 with --drop-last or --compile
+        cases = (({}, [8, 8, 4]), ({"drop_last": True}, [8, 8]), ({"compile": True}, [8, 8]))
+        for flags, sizes in cases:
+            with self.subTest(**flags):
+                args = common.TrainArgs(dataset="fake", device="cpu", batch_size=8, **flags)
+                run = fake_run(args, n=20)
+                gen = torch.Generator().manual_seed(0)
+                got = [len(y) for _, y in common.train_batches(run, gen)]
+                self.assertEqual((got, run.steps_per_epoch), (sizes, len(sizes)))
+        args = common.TrainArgs(dataset="fake", device="cpu", subset=20, test_subset=20,
+                                batch_size=32, drop_last=True, out=os.path.join(tmpdir(self), "r"))
+        with self.assertRaises(SystemExit) as e:
+            common.setup(args, "baseline")
+        self.assertRegex(str(e.exception), r"^error: --batch-size 32 with --drop-last leaves no "
+                                           r"training batch: the training set has 20 images")
+
+
 class TestCLIAndStructure(unittest.TestCase):
     def test_help_lists_every_field_with_help(self):
         for f in dataclasses.fields(common.TrainArgs):

@@ -242,6 +242,57 @@ class ResumeRefusals(unittest.TestCase):
             self.assertEqual(f.read(), before)
 
 
+class CrossDeviceResume(unittest.TestCase):
+    def test_checkpoint_keeps_the_run_device_and_a_cuda_checkpoint_resumes_on_cpu(self):
+        args = tiny(baseline.Args, self, subset=32, test_subset=20, batch_size=16, epochs=2,
+                    stop_after=1)
+        quiet(baseline.main, args)
+        path = os.path.join(args.out, "checkpoint.pt")
+        ck = torch.load(path, weights_only=False)
+        self.assertEqual((ck["device"], ck["device_rng"]), ("cpu", None))
+        self.assertNotIn("cuda_rng", ck)  # no longer every visible GPU's RNG state
+        # The checkpoint as a CUDA run writes it: a CUDA generator's state (seed and offset, 16
+        # bytes, which a CPU generator cannot take), the GPU's RNG state, the LR as a tensor.
+        cuda_state = torch.zeros(16, dtype=torch.uint8)
+        ck.update(device="cuda", gen=cuda_state, device_rng=cuda_state)
+        for g in ck["optimizers"]["sgd"]["param_groups"]:
+            g["lr"] = torch.tensor(g["lr"], dtype=torch.float32)
+        torch.save(ck, path)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            resumed = dataclasses.replace(args, resume=True, stop_after=0)
+            final, printed = quiet(baseline.main, resumed)
+        warnings = [line for line in err.getvalue().splitlines() if line.startswith("warning:")]
+        self.assertEqual(len(warnings), 1, err.getvalue())
+        self.assertRegex(warnings[0], r"^warning: --resume: .* was written on cuda, this run is "
+                                      r"on cpu: weights, optimiser state and schedule continue, "
+                                      r".* not bit-for-bit")
+        self.assertIn("resumed from", printed)
+        self.assertEqual(final["epochs"], 2)
+        history = rows(args.out)
+        self.assertEqual(history[0], {k: v for k, v in ck["history"][0].items() if k not in TIMING})
+        self.assertAlmostEqual(history[1]["lr"], 0.01, places=12)
+        after = checkpoint(args.out)
+        self.assertEqual(after["device"], "cpu")
+        self.assertIsInstance(after["optimizers"]["sgd"]["param_groups"][0]["lr"], float)
+
+    def test_older_cpu_checkpoint_without_device_resumes_exactly(self):
+        straight = tiny(baseline.Args, self, **SMALL)
+        quiet(baseline.main, straight)
+        first = tiny(baseline.Args, self, stop_after=1, **SMALL)
+        quiet(baseline.main, first)
+        path = os.path.join(first.out, "checkpoint.pt")
+        ck = torch.load(path, weights_only=False)
+        del ck["device"], ck["device_rng"]
+        ck["cuda_rng"] = None  # how checkpoints of CPU runs looked before the device was recorded
+        torch.save(ck, path)
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            quiet(baseline.main, dataclasses.replace(first, stop_after=0, resume=True))
+        self.assertNotIn("warning", err.getvalue())
+        self.assertEqual(rows(first.out), rows(straight.out))
+
+
 class NumericalFaults(unittest.TestCase):
     def test_nan_in_epoch_2_names_epoch_step_term_and_keeps_epoch_1(self):
         args = tiny(baseline.Args, self, **SMALL)
