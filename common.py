@@ -576,34 +576,42 @@ def _cifar(args, train):
     return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), list(ds.classes)
 
 
-def _folder(root, split, classes=None, size=0):
-    """Read root/split/<class>/* (any image torchvision can decode) as uint8 (N, 3, S, S): every
-    image of the split one size S (`size` when given; section 6), 32 for CIFAR in a folder."""
-    from torchvision.io import ImageReadMode, decode_image
+def list_folder(root, split, classes=None):
+    """root/split/<class>/* as (paths, labels, classes), nothing decoded (the checks of _folder)."""
     d = os.path.join(root, split)
     if not os.path.isdir(d):
-        fail(f"--data-dir {root!r} has no {split}/ folder; --dataset folder needs {d!r} with one sub-folder per "
-             f"class (train/<class>/*, test/<class>/*)")
+        fail(f"--data-dir {root!r} has no {split}/ folder; --dataset folder needs {d!r} with one "
+             f"sub-folder per class (train/<class>/*, test/<class>/*)")
     found = sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
     if not found:
         fail(f"{d!r} has no class sub-folders; expected {split}/<class>/<image>")
     if classes is not None and found != classes:
         fail(f"class folders of {d!r} {found} differ from train's {classes}")
-    xs, ys, first = [], [], None
+    paths, labels = [], []
     for label, c in enumerate(found):
-        for name in sorted(os.listdir(os.path.join(d, c))):
-            path = os.path.join(d, c, name)
-            try:
-                img = decode_image(path, mode=ImageReadMode.RGB)
-            except Exception:
-                fail(f"cannot decode image {path!r} (not an image file torchvision can read)")
-            first = first or (path, tuple(img.shape[1:]))
-            check_folder_image(path, img, first, size, split)  # section 6: one size per split
-            xs.append(img)
-            ys.append(label)
-    if not xs:
+        names = sorted(os.listdir(os.path.join(d, c)))
+        paths += [os.path.join(d, c, name) for name in names]
+        labels += [label] * len(names)
+    if not paths:
         fail(f"{d!r} contains no images")
-    return torch.stack(xs), torch.tensor(ys), found
+    return paths, torch.tensor(labels), found
+
+
+def _folder(root, split, classes=None, size=0):
+    """Read root/split/<class>/* (any image torchvision can decode) as uint8 (N, 3, S, S): every
+    image of the split one size S (`size` when given; section 6), 32 for CIFAR in a folder."""
+    from torchvision.io import ImageReadMode, decode_image
+    paths, labels, found = list_folder(root, split, classes)  # the layout checks, nothing decoded yet
+    xs, first = [], None
+    for path in paths:
+        try:
+            img = decode_image(path, mode=ImageReadMode.RGB)
+        except Exception:
+            fail(f"cannot decode image {path!r} (not an image file torchvision can read)")
+        first = first or (path, tuple(img.shape[1:]))
+        check_folder_image(path, img, first, size, split)  # section 6: one size per split
+        xs.append(img)
+    return torch.stack(xs), labels, found
 
 
 def make_fake(n, seed, num_classes=10):
@@ -1247,27 +1255,6 @@ class StreamData:
     std: torch.Tensor
     classes: list
     size: int  # S: train and test crops are S x S
-
-
-def list_folder(root, split, classes=None):
-    """root/split/<class>/* as (paths, labels, classes), nothing decoded (the checks of _folder)."""
-    d = os.path.join(root, split)
-    if not os.path.isdir(d):
-        fail(f"--data-dir {root!r} has no {split}/ folder; --dataset folder needs {d!r} with one "
-             f"sub-folder per class (train/<class>/*, test/<class>/*)")
-    found = sorted(c for c in os.listdir(d) if os.path.isdir(os.path.join(d, c)))
-    if not found:
-        fail(f"{d!r} has no class sub-folders; expected {split}/<class>/<image>")
-    if classes is not None and found != classes:
-        fail(f"class folders of {d!r} {found} differ from train's {classes}")
-    paths, labels = [], []
-    for label, c in enumerate(found):
-        names = sorted(os.listdir(os.path.join(d, c)))
-        paths += [os.path.join(d, c, name) for name in names]
-        labels += [label] * len(names)
-    if not paths:
-        fail(f"{d!r} contains no images")
-    return paths, torch.tensor(labels), found
 
 
 def folder_loader(args):
