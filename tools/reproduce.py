@@ -75,8 +75,9 @@ GRIDS = {
                      "within one std of the baseline is no gain. Every schedule length is scaled with the "
                      "schedule (ramp-up 4 epochs, FFSD warm-up 1 epoch, PCL's temporal-mean horizon 10 steps, "
                      "beta 0.9: the lab's one deviation from the recipe's beta 0.999, whose 1,000-step horizon "
-                     "would span most of these 1,200 steps). Minutes: wall time of one run (data loading included) with one "
-                     "core, as `--jobs 2` runs two at a time on a 2-core machine"),
+                     "would span most of these 1,200 steps). min/run: wall minutes of one run (data loading included) with one "
+                     "core, `--jobs 2` running two at a time on 2 cores while other work shared the machine: "
+                     "upper bounds"),
 }
 
 # Models reported beside the deployed one (last epoch): the student a teacher came from, the ensembles.
@@ -423,7 +424,7 @@ def render(rows):
         paper_cols = not synthetic and GRIDS.get(grid, {}).get("paper", True)
         show_time = GRIDS.get(grid, {}).get("show_time", False)
         if show_time:
-            head += ["minutes per run"]
+            head += ["min/run"]
         if paper_cols:
             head += ["paper", "paper gain", "paper source"]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -471,13 +472,21 @@ def render_compact(rows):
         if len(subset) == 1:
             caption += f", {int(subset.pop()):,}-image training subset"
         caption += f", {epochs} epochs, {seeds} seed(s); {devices}, {date}."
+        if GRIDS.get(grid, {}).get("note"):
+            caption += f" {GRIDS[grid]['note']}."
+        paper_cols = not synthetic and GRIDS.get(grid, {}).get("paper", True)
+        beside = GRIDS.get(grid, {}).get("show_time", False)  # the lab: what sits beside the deployed model
         head = ["method", "deployed", "last epoch", "best epoch", "gain"]
-        head += [] if synthetic else ["paper", "paper gain"]
+        head += ["beside it (last epoch)", "min/run"] if beside else []
+        head += ["paper", "paper gain"] if paper_cols else []
         lines = [caption, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rs:
             cells = [r["method"], ", ".join(r["deployed"]), fmt(*r["last"]), fmt(*r["best"]),
                      "—" if r["gain"] is None else f"{r['gain']:+.2f}"]
-            if not synthetic:
+            if beside:
+                cells += [", ".join(f"{m} {fmt(*v)}" for m, v in r["beside"].items()) or "—",
+                          f"{r['minutes'][0]:.1f}"]
+            if paper_cols:
                 cells += ["—" if not r["paper"] else fmt(*r["paper"]),
                           "—" if r["paper_gain"] is None else f"{r['paper_gain']:+.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
