@@ -338,13 +338,19 @@ def evaluate(model, x):
             "fusion": z_f, "leader": model.leader(x)}
 
 
+def deployed_net(model, args):
+    """The deployed model as a plain backbone (written to deployed.pt): the leader."""
+    return model.leader
+
+
 # ===== 7. Main =====
 def main(args):
     run = common.setup(args, method="ffsd")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="leader",
-                      averages={"student_avg": [f"student{k + 1}" for k in range(args.num_students)]})
+                      averages={"student_avg": [f"student{k + 1}" for k in range(args.num_students)]},
+                      deployed_net=deployed_net)
 
 
 if __name__ == "__main__":

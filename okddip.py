@@ -156,13 +156,19 @@ def evaluate(model, x):
     return {**{f"peer{a + 1}": logits[a] for a in range(m)}, "ensemble": logits[:m].float().mean(0), "leader": logits[m]}
 
 
+def deployed_net(model, args):
+    """The deployed model as a plain backbone (written to deployed.pt): trunk + the leader (the last branch)."""
+    return model.net.single(model.m)
+
+
 # ===== 7. Main =====
 def main(args):
     run = common.setup(args, method="okddip")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="leader",
-                      averages={"peer_avg": [f"peer{a + 1}" for a in range(args.num_peers)]})
+                      averages={"peer_avg": [f"peer{a + 1}" for a in range(args.num_peers)]},
+                      deployed_net=deployed_net)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,11 @@ def evaluate(model, x):
     return {**{f"branch{i + 1}": logits[i] for i in range(len(logits))}, "one_e": z_e, "ensemble": logits.float().mean(0)}
 
 
+def deployed_net(model, args):
+    """The deployed model as a plain backbone (written to deployed.pt): trunk + branch 1."""
+    return model.net.single(0)
+
+
 # ===== 7. Main =====
 def main(args):
     args = resolve(args)
@@ -149,7 +154,8 @@ def main(args):
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="branch1",
-                      averages={"branch_avg": [f"branch{i + 1}" for i in range(args.num_branches)]})
+                      averages={"branch_avg": [f"branch{i + 1}" for i in range(args.num_branches)]},
+                      deployed_net=deployed_net)
 
 
 if __name__ == "__main__":

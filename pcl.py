@@ -178,12 +178,18 @@ def evaluate(model, x):
             **{f"mt_peer{j + 1}": mean_logits[j] for j in range(m)}, "pcl_e": mean_logits.float().mean(0)}
 
 
+def deployed_net(model, args):
+    """The deployed model as a plain backbone (written to deployed.pt): the temporal mean of trunk + peer 1."""
+    return model.mean.peers.single(0)
+
+
 # ===== 7. Main =====
 def main(args):
     run = common.setup(args, method="pcl")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
-    return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1", views=args.num_peers)
+    return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1", views=args.num_peers,
+                      deployed_net=deployed_net)
 
 
 if __name__ == "__main__":
