@@ -481,13 +481,14 @@ class MultiBranch(nn.Module):
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]), t
 
     def single(self, j):
-        """Trunk + branch j as one plain backbone (the deployed model of ONE, OKDDip and PCL), sharing this
-        network's modules (no copy): stem = trunk[0], stages = trunk[1:] + branch j's stages, then branch j's
-        pool and fc, so its state_dict has exactly the keys of build_backbone(arch, C) (stem.*, stages.i.*,
-        fc.*) and its forward is the same computation as trunk + branch j here."""
+        """Trunk + branch j as one plain backbone (the deployed model of ONE, OKDDip, PCL),
+        sharing this network's modules (no copy): stem = trunk[0], stages = trunk[1:] + branch
+        j's stages, then branch j's pool and fc. Its state_dict has exactly the keys of
+        build_backbone(arch, C) (stem.*, stages.i.*, fc.*); its forward is the same computation
+        as trunk + branch j here."""
         b = self.branches[j]
-        net = Net(self.trunk[0], [*self.trunk[1:], *b.stages], b.pool, b.fc, self.widths, self.split,
-                  self.feature_dim)
+        net = Net(self.trunk[0], [*self.trunk[1:], *b.stages], b.pool, b.fc, self.widths,
+                  self.split, self.feature_dim)
         net.arch = self.arch
         return net
 
@@ -577,9 +578,9 @@ def balanced_first(y, n, num_classes):
 
 
 def load_data(args, device, test_only=False):
-    """Both splits as a Data on `device` (--subset / --test-subset applied). test_only: the test split alone
-    (evaluation; train_x is then empty and mean/std are the test split's, for the caller to replace with
-    the training normalisation where the data set has no fixed one)."""
+    """Both splits as a Data on `device` (--subset / --test-subset applied). test_only: the test
+    split alone (evaluation; train_x is then empty and mean/std are the test split's, for the
+    caller to replace with the training normalisation where the data set has no fixed one)."""
     if args.dataset in ("cifar10", "cifar100"):
         vx, vy, classes = _cifar(args, False)
         tx, ty, _ = (vx[:0], vy[:0], None) if test_only else _cifar(args, True)
@@ -596,7 +597,8 @@ def load_data(args, device, test_only=False):
         classes = [f"class{i}" for i in range(10)]
     else:
         fail(f"unknown --dataset {args.dataset!r}; choices: {', '.join(DATASETS)}")
-    for name, n, y in (("subset", 0 if test_only else args.subset, ty), ("test_subset", args.test_subset, vy)):
+    train_n = 0 if test_only else args.subset
+    for name, n, y in (("subset", train_n, ty), ("test_subset", args.test_subset, vy)):
         if n > len(y):
             fail(f"--{name.replace('_', '-')} {n} is larger than the split ({len(y)} images)")
     if args.subset and not test_only:
@@ -721,23 +723,23 @@ def _mps_available():
 
 
 def pick_device(name):
-    """--device: auto = CUDA if present, else Apple's MPS, else the CPU. cuda / mps must be present."""
+    """--device: auto = CUDA if present, else Apple's MPS, else the CPU; cuda, mps: must exist."""
     if name == "cuda" and not torch.cuda.is_available():
         fail("--device cuda but no CUDA GPU is visible; choices: auto, cpu, cuda, mps")
     if name == "mps" and not _mps_available():
-        fail("--device mps but Apple's MPS backend is not available (it needs a Mac with Apple silicon and "
-             "a PyTorch build with MPS); choices: auto, cpu, cuda, mps")
+        fail("--device mps but Apple's MPS backend is not available (it needs a Mac with Apple "
+             "silicon and a PyTorch build with MPS); choices: auto, cpu, cuda, mps")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     return torch.device(name)
 
 
 def setup(args, method):
-    """Validate arguments, pick the device, seed, load the data. Returns a Run. --out is created only when
-    training starts (fit), so bad data, an error or Ctrl-C before that leaves no half-made run folder."""
+    """Validate arguments, pick the device, seed, load the data. Returns a Run. --out is created
+    only when training starts (fit): bad data, an error or Ctrl-C before that leaves no folder."""
     check_args(args)
     device = pick_device(args.device)
-    for name in args.arch.split(","):  # a comma list (one backbone per network) only where a method allows it
+    for name in args.arch.split(","):  # a list (one backbone per network) where a method allows it
         if name not in BACKBONES:
             fail(f"unknown --arch {name!r}; choices: {', '.join(BACKBONES)}")
     out = args.out or os.path.join("runs", f"{method}-{args.arch}-{args.dataset}-seed{args.seed}")
@@ -751,20 +753,22 @@ def setup(args, method):
         torch.backends.cudnn.benchmark = True
     try:
         data = load_data(args, device)
-    except KeyboardInterrupt:  # BOILERPLATE: Ctrl-C before training: one line, status 130, nothing written
-        print(f"interrupted while loading the data; nothing was written to {out!r}", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # BOILERPLATE: Ctrl-C here: one line, status 130, nothing written
+        print(f"interrupted while loading the data; nothing was written to {out!r}",
+              file=sys.stderr, flush=True)
         raise SystemExit(130)
-    cuda = device.type == "cuda"  # bf16 and channels_last: CUDA only (not measured on MPS or the CPU)
+    cuda = device.type == "cuda"  # bf16 and channels_last: CUDA only (not measured on MPS or CPU)
     return Run(args, method, device, data, out, amp=cuda and args.bf16, channels_last=cuda and args.channels_last)
 
 
 def _open_out(run):
-    """Create --out and write config.json (the arguments) when training starts; a resumed run keeps the
-    config.json it was started with."""
+    """Create --out and write config.json (the arguments) when training starts; a resumed run keeps
+    the config.json it was started with."""
     try:
         os.makedirs(run.out, exist_ok=True)
         if not run.args.resume:
-            _write_json(os.path.join(run.out, "config.json"), {"method": run.method, **dataclasses.asdict(run.args)})
+            config = {"method": run.method, **dataclasses.asdict(run.args)}
+            _write_json(os.path.join(run.out, "config.json"), config)
     except OSError as e:
         fail(f"cannot write to --out {run.out!r} ({e.strerror})")
 
@@ -799,34 +803,36 @@ def save_checkpoint(path, obj, what="checkpoint"):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, Exception):  # disk full, permissions...: one line; Ctrl-C goes on to fit's handler
-            fail(f"cannot write {what} {path!r} ({type(e).__name__}: {(str(e) or '?').splitlines()[0]}); "
-                 f"the previous one is kept")
+            why = f"{type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
+            fail(f"cannot write {what} {path!r} ({why}); the previous one is kept")
         raise
 
 
-# BOILERPLATE: deployed.pt = the one network a method deploys, as a plain backbone, and what using it needs.
+# BOILERPLATE: deployed.pt = the network a method deploys, as a plain backbone, and what it needs.
 DEPLOYED_FORMAT = "okd-deployed-1"
 
 
 def data_info(data):
-    """What a network trained on `data` needs beside its weights: the input normalisation (in [0, 1] pixel
-    units, per RGB channel) and the class names (label i = classes[i])."""
-    return {"mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist(), "classes": list(data.classes)}
+    """What a network trained on `data` needs beside its weights: the input normalisation (in [0, 1]
+    pixel units, per RGB channel) and the class names (label i = classes[i])."""
+    return {"mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist(),
+            "classes": list(data.classes)}
 
 
 def deployed_payload(net, name, method, dataset, info, **extra):
-    """deployed.pt's content: `state_dict` (CPU, contiguous) of the plain backbone `net` (from build_backbone
-    or MultiBranch.single, so build_backbone(arch, num_classes) loads it with strict=True), its `arch`,
-    `num_classes`, normalisation `mean`/`std`, `classes`, the `method`, which of its models it is (`model`,
-    e.g. 'mt_peer1'), the training `dataset` and `extra` (test_acc, epoch, ...). Only tensors, strings and
-    numbers: torch.load(path, weights_only=True) reads it."""
+    """deployed.pt's content: `state_dict` (CPU, contiguous) of the plain backbone `net` (from
+    build_backbone or MultiBranch.single, so build_backbone(arch, num_classes) loads it with
+    strict=True), its `arch`, `num_classes`, normalisation `mean`/`std`, `classes`, the `method`,
+    which of its models it is (`model`, e.g. 'mt_peer1'), the training `dataset` and `extra`
+    (test_acc, epoch, ...). Only tensors, strings, numbers: torch.load(weights_only=True) reads
+    it."""
     sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
-    return {"format": DEPLOYED_FORMAT, "arch": net.arch, "num_classes": len(info["classes"]), **info,
-            "method": method, "model": name, "dataset": dataset, **extra, "state_dict": sd}
+    return {"format": DEPLOYED_FORMAT, "arch": net.arch, "num_classes": len(info["classes"]),
+            **info, "method": method, "model": name, "dataset": dataset, **extra, "state_dict": sd}
 
 
 def load_deployed(path):
-    """Read a deployed.pt into (plain backbone on the CPU, eval mode; the file's dict). One-line errors."""
+    """Read a deployed.pt: (plain backbone, CPU, eval mode; the file's dict). One-line errors."""
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -860,7 +866,8 @@ def evaluate_all(run, model, evaluate):
     return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
 
 
-def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None, deployed_net=None):
+def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None,
+        deployed_net=None):
     """The epoch loop every method shares; the method supplies the parts it owns.
 
     model:      nn.Module holding every weight of the method (checkpointed; eval mode while scoring).
@@ -960,8 +967,9 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
         if deployed_net is not None:  # before final.json: a run with final.json has its deployed.pt
             net = deployed_net(model, args)
             payload = deployed_payload(net, deployed, run.method, args.dataset, data_info(run.data),
-                                       test_acc=history[-1][f"acc/{deployed}"], epoch=history[-1]["epoch"],
-                                       test_subset=args.test_subset, bf16=run.amp)
+                                       test_acc=history[-1][f"acc/{deployed}"],
+                                       epoch=history[-1]["epoch"], test_subset=args.test_subset,
+                                       bf16=run.amp)
             save_checkpoint(os.path.join(run.out, "deployed.pt"), payload, what="deployed network")
     except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is the last completed epoch, consistent as is
         if saved:
@@ -973,7 +981,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
     last = history[-1]
     models = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
     final = {**_meta(run), "epochs": args.epochs, "seed": args.seed, "device": _device_name(run.device),
-             "deployed": deployed, **({"deployed_arch": net.arch} if deployed_net is not None else {}),
+             "deployed": deployed, **({"deployed_arch": net.arch} if deployed_net else {}),
              "test_acc": models[deployed], "best_test_acc": best["acc"],
              "best_epoch": best["epoch"], "models": models, "train_loss": last["loss"],
              "train_time_s": train_time, "images_per_s": images / max(train_time, 1e-9),

@@ -13,13 +13,13 @@ Objective (paper Eq. 4 for K = 2, averaged over the K-1 peers for K > 2), for ne
 sg = stop-gradient (the peer is a target, not a student); KL summed over classes, averaged over the batch.
 
 Differences from baseline.py:
-    1. K independently built and initialised networks instead of one (--num-peers, default 2), of one
-       backbone or of one each (--arch resnet32,wrn16_2: K = 2, as in the paper's mixed pairs).
+    1. K independently built and initialised networks instead of one (--num-peers, default 2), of
+       one backbone or one each (--arch resnet32,wrn16_2: K = 2, as in the paper's mixed pairs).
     2. The loss adds, per network, the mean KL from its detached peers (--temperature T, default 1, x T^2).
     3. One joint optimiser step over all networks (default), or the paper's sequential update
        (--update sequential: network k is stepped after recomputing its peers with their current weights).
-    4. Evaluation reports every peer (peers of different backbones are named with theirs: peer1_resnet32),
-       the peer-accuracy mean and the logit-mean ensemble; peer 1 is deployed.
+    4. Evaluation reports every peer (peers of different backbones are named with theirs:
+       peer1_resnet32), the peer-accuracy mean and the logit-mean ensemble; peer 1 is deployed.
 
 Deviations (see README.md, "Implementation details"): joint update by default (what the CIFAR
 re-implementations do; the paper's Algorithm 1 is --update sequential); zero padding (the paper uses
@@ -47,26 +47,26 @@ from common import arg
 @dataclass
 class Args(common.TrainArgs):
     """DML: K peers, each trained with CE + KL from its detached peers."""
-    arch: str = arg("resnet32", f"backbone of every peer, or one per peer: resnet32,wrn16_2 (K = the number of "
-                                f"names); choices: {', '.join(common.BACKBONES)}")
+    arch: str = arg("resnet32", f"backbone of every peer, or one per peer: resnet32,wrn16_2 (K = "
+                                f"the number of names); choices: {', '.join(common.BACKBONES)}")
     num_peers: int = arg(2, "K: number of peer networks (paper: 2)")
     temperature: float = arg(1.0, "T: softmax temperature of the mimicry KL, which is scaled by T^2 (paper: 1)")
     update: str = arg("joint", "joint: one step for all peers; sequential: paper Algorithm 1", choices=["joint", "sequential"])
 
 
 def resolve(args):
-    """--arch a,b,...: one backbone per peer, K = the number of names (--num-peers, if given, must agree)."""
+    """--arch a,b,...: one backbone per peer, K = the number of names (--num-peers must agree)."""
     archs = args.arch.split(",")
     if len(archs) > 1 and args.num_peers not in (2, len(archs)):  # 2: the default, i.e. not given
-        common.fail(f"--arch {args.arch!r} names {len(archs)} peers but --num-peers is {args.num_peers}; "
-                    f"leave --num-peers out or make them agree")
+        common.fail(f"--arch {args.arch!r} names {len(archs)} peers but --num-peers is "
+                    f"{args.num_peers}; leave --num-peers out or make them agree")
     return dataclasses.replace(args, num_peers=len(archs)) if len(archs) > 1 else args
 
 
 # ===== 3. Model =====
 def build_model(args, num_classes):
-    # ALGO: K separately built (so separately initialised) networks; nothing shared. Any backbones may be
-    # mixed: the peers meet only through their logits.
+    # ALGO: K separately built (so separately initialised) networks; nothing shared. Backbones may
+    # be mixed: the peers meet only through their logits.
     archs = args.arch.split(",") if "," in args.arch else [args.arch] * args.num_peers
     if len(archs) < 2:
         common.fail(f"--num-peers must be at least 2, got {args.num_peers}")
@@ -123,7 +123,7 @@ def train_step(model, optimizers, x, y, epoch, step, run):
 
 # ===== 6. Evaluate =====
 def peer_names(model):
-    """peer1, peer2, ...; peers of different backbones carry theirs: peer1_resnet32, peer2_wrn16_2."""
+    """peer1, peer2, ...; peers of different backbones carry its name: peer1_resnet32, ..."""
     archs = [getattr(net, "arch", None) for net in model]
     return [f"peer{k + 1}" + (f"_{a}" if len(set(archs)) > 1 else "") for k, a in enumerate(archs)]
 
@@ -135,7 +135,7 @@ def evaluate(model, x):
 
 
 def deployed_net(model, args):
-    """The deployed model as a plain backbone (written to deployed.pt): peer 1 (with its own backbone)."""
+    """The deployed model as a plain backbone (written to deployed.pt): peer 1."""
     return model[0]
 
 
@@ -146,7 +146,8 @@ def main(args):
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
     names = peer_names(model)
-    return common.fit(run, model, optimizers, train_step, evaluate, deployed=names[0], averages={"peer_avg": names},
+    return common.fit(run, model, optimizers, train_step, evaluate, deployed=names[0],
+                      averages={"peer_avg": names},
                       deployed_net=deployed_net)
 
 

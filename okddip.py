@@ -157,7 +157,7 @@ def evaluate(model, x):
 
 
 def deployed_net(model, args):
-    """The deployed model as a plain backbone (written to deployed.pt): trunk + the leader (the last branch)."""
+    """The deployed model as a plain backbone (written to deployed.pt): trunk + leader."""
     return model.net.single(model.m)
 
 

@@ -179,7 +179,7 @@ def evaluate(model, x):
 
 
 def deployed_net(model, args):
-    """The deployed model as a plain backbone (written to deployed.pt): the temporal mean of trunk + peer 1."""
+    """The deployed model as a plain backbone (written to deployed.pt): mean trunk + peer 1."""
     return model.mean.peers.single(0)
 
 
@@ -188,7 +188,8 @@ def main(args):
     run = common.setup(args, method="pcl")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
-    return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1", views=args.num_peers,
+    return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1",
+                      views=args.num_peers,
                       deployed_net=deployed_net)
 
 

@@ -1,14 +1,14 @@
-"""Score trained networks on a test set without training: every model of a run's checkpoint, or the one
-network of a deployed.pt. One line per model: its name and top-1 accuracy (%).
+"""Score trained networks on a test set without training: every model of a run's checkpoint, or the
+one network of a deployed.pt. One line per model: its name and top-1 accuracy (%).
 
-    python tools/evaluate.py runs/dml-resnet32-cifar10-seed0                 # the run's checkpoint
-    python tools/evaluate.py runs/dml-resnet32-cifar10-seed0/deployed.pt     # the deployed network only
+    python tools/evaluate.py runs/dml-resnet32-cifar10-seed0              # the run's checkpoint
+    python tools/evaluate.py runs/dml-resnet32-cifar10-seed0/deployed.pt  # the deployed network
     python tools/evaluate.py deployed.pt --dataset cifar10 --data-dir data --device cpu
 
-The data set, --data-dir, --test-subset and the batch size default to what the run used, so the figures
-reproduce the run's own (bit for bit on the same device); the normalisation is always the training
-run's (recorded in the file). A file for another number of classes than the data set, another --arch
-than asked, or one that cannot be read, stops with a one-line error.
+The data set, --data-dir, --test-subset and the batch size default to what the run used, so the
+figures reproduce the run's own (bit for bit on the same device); the normalisation is always the
+training run's (recorded in the file). A file for another number of classes than the data set,
+another --arch than asked, or one that cannot be read, stops with a one-line error.
 """
 import argparse
 import dataclasses
@@ -40,8 +40,8 @@ def read(path):
         try:  # a checkpoint also holds RNG states (numpy objects)
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as e:
-            common.fail(f"cannot read {path!r} ({type(e).__name__}); it is not a checkpoint or a deployed.pt, "
-                        f"or it is corrupt")
+            common.fail(f"cannot read {path!r} ({type(e).__name__}); it is not a checkpoint or a "
+                        f"deployed.pt, or it is corrupt")
     if isinstance(obj, dict) and obj.get("format") == common.DEPLOYED_FORMAT:
         return "deployed", path, obj
     if isinstance(obj, dict) and {"meta", "args", "model", "epoch"} <= set(obj):
@@ -53,12 +53,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", help="a run folder, its checkpoint.pt, or a deployed.pt")
-    p.add_argument("--dataset", default="", help=f"{', '.join(common.DATASETS)} (default: the run's)")
-    p.add_argument("--data-dir", default="", help="as the scripts' --data-dir (default: the run's, or ./data)")
+    p.add_argument("--dataset", default="",
+                   help=f"{', '.join(common.DATASETS)} (default: the run's)")
+    p.add_argument("--data-dir", default="",
+                   help="as the scripts' --data-dir (default: the run's, or ./data)")
     p.add_argument("--test-subset", type=int, default=-1,
                    help="a class-balanced first N test images (0 = all; default: the run's)")
-    p.add_argument("--device", default="auto", help="auto (cuda, else mps, else cpu), cpu, cuda or mps")
-    p.add_argument("--eval-batch-size", type=int, default=0, help="test-time batch size (default: the run's)")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda, else mps, else cpu), cpu, cuda or mps")
+    p.add_argument("--eval-batch-size", type=int, default=0,
+                   help="test-time batch size (default: the run's)")
     p.add_argument("--arch", default="", help="stop unless the file holds this backbone")
     opts = p.parse_args(argv)
 
@@ -69,28 +73,30 @@ def main(argv=None):
         bf16, what = obj.get("bf16", False), f"deployed {obj['model']} of {method}"
     else:
         module, args, model = export.load_model(obj, path)
-        method, arch, recorded, info = obj["meta"]["method"], args.arch, dataclasses.asdict(args), obj.get("data")
+        method, arch, info = obj["meta"]["method"], args.arch, obj.get("data")
+        recorded = dataclasses.asdict(args)
         bf16, what = args.bf16, f"checkpoint of {method}, epoch {obj['epoch']}"
     if opts.arch and opts.arch != arch:
         common.fail(f"{path!r} holds a {arch}, not --arch {opts.arch}")
     targs = common.TrainArgs(
         dataset=opts.dataset or recorded["dataset"],
         data_dir=opts.data_dir or recorded.get("data_dir", "./data"),
-        subset=recorded.get("subset", 0),  # used only for an old checkpoint without recorded normalisation
+        subset=recorded.get("subset", 0),  # only for old checkpoints (no recorded normalisation)
         test_subset=opts.test_subset if opts.test_subset >= 0 else recorded.get("test_subset", 0),
-        eval_batch_size=opts.eval_batch_size or recorded.get("eval_batch_size", 1000), device=opts.device)
+        eval_batch_size=opts.eval_batch_size or recorded.get("eval_batch_size", 1000),
+        device=opts.device)
     common.check_args(targs)
     device = common.pick_device(targs.device)
     data = common.load_data(targs, device, test_only=info is not None)
-    info = info or common.data_info(data)  # old checkpoints: the training split's statistics, as at training
+    info = info or common.data_info(data)  # old checkpoints: the training split's, as at training
     if len(info["classes"]) != len(data.classes):
-        common.fail(f"{path!r} holds a {arch} for {len(info['classes'])} classes, but --dataset {targs.dataset} "
-                    f"has {len(data.classes)}")
+        common.fail(f"{path!r} holds a {arch} for {len(info['classes'])} classes, but --dataset "
+                    f"{targs.dataset} has {len(data.classes)}")
     if list(info["classes"]) != list(data.classes):
-        common.fail(f"the class names of {path!r} ({', '.join(info['classes'][:3])}, ...) differ from "
-                    f"--dataset {targs.dataset}'s ({', '.join(data.classes[:3])}, ...)")
+        common.fail(f"the class names of {path!r} ({', '.join(info['classes'][:3])}, ...) differ "
+                    f"from --dataset {targs.dataset}'s ({', '.join(data.classes[:3])}, ...)")
     stats = [torch.tensor(info[k], device=device).view(1, 3, 1, 1) for k in ("mean", "std")]
-    data = dataclasses.replace(data, mean=stats[0], std=stats[1])  # the training run's normalisation
+    data = dataclasses.replace(data, mean=stats[0], std=stats[1])  # the training normalisation
     cuda = device.type == "cuda"
     run = common.Run(targs, method, device, data, out="", amp=cuda and bf16,
                      channels_last=cuda and recorded.get("channels_last", True))

@@ -3,12 +3,13 @@
     python tools/export.py runs/pcl-resnet32-cifar10-seed0               # -> runs/.../deployed.pt
     python tools/export.py runs/pcl-resnet32-cifar10-seed0/checkpoint.pt --out pcl-resnet32.pt
 
-A finished run writes deployed.pt itself. This tool makes it from a checkpoint written before runs did,
-or from an unfinished run (its last completed epoch). The file holds `state_dict`, loadable with
-strict=True into `common.build_backbone(arch, num_classes)`, and beside it arch, num_classes, the input
-normalisation (mean, std), the class names, the method and which of its models it is (e.g. 'mt_peer1'):
-see docs/using-results.md. The method comes from the checkpoint; its script is imported by name from the
-repository root, and its `deployed_net(model, args)` says which network is deployed.
+A finished run writes deployed.pt itself. This tool makes it from a checkpoint written before runs
+did, or from an unfinished run (its last completed epoch). The file holds `state_dict`, loadable
+with strict=True into `common.build_backbone(arch, num_classes)`, and beside it arch, num_classes,
+the input normalisation (mean, std), the class names, the method and which of its models it is
+(e.g. 'mt_peer1'): see docs/using-results.md. The method comes from the checkpoint; its script is
+imported by name from the repository root, and its `deployed_net(model, args)` says which network
+is deployed.
 """
 import argparse
 import dataclasses
@@ -31,7 +32,7 @@ LEGACY_DEPLOYED = {"baseline": "net", "dml": "peer1", "one": "branch1", "okddip"
 
 
 def checkpoint_path(path):
-    """A run folder or a checkpoint file -> the checkpoint file's path (one-line error if there is none)."""
+    """A run folder or a checkpoint file -> the checkpoint file's path (one-line error if none)."""
     ckpt = os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
     if not os.path.isfile(ckpt):
         common.fail(f"no checkpoint at {ckpt!r}")
@@ -43,7 +44,8 @@ def read_checkpoint(path):
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)  # it also holds RNG states
     except Exception as e:
-        common.fail(f"cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupt or not a checkpoint")
+        common.fail(f"cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupt or not a "
+                    f"checkpoint")
     if not isinstance(ck, dict) or not {"meta", "args", "model", "epoch"} <= set(ck):
         common.fail(f"{path!r} is not a checkpoint of a training run (no meta/args/model)")
     return ck
@@ -67,7 +69,7 @@ def load_model(ck, path):
 
 
 def deployed_name(ck, path):
-    """Which of the method's models is deployed: recorded in the checkpoint, else in the run's final.json."""
+    """Which of the method's models is deployed: recorded in the checkpoint, else in final.json."""
     if ck.get("deployed"):
         return ck["deployed"]
     final = os.path.join(os.path.dirname(path), "final.json")
@@ -78,15 +80,15 @@ def deployed_name(ck, path):
 
 
 def data_info(ck, args):
-    """Normalisation and class names: recorded in the checkpoint, else recomputed from the run's data."""
+    """Normalisation and class names: recorded in the checkpoint, else from the run's data."""
     if ck.get("data"):
         return ck["data"]
     return common.data_info(common.load_data(args, torch.device("cpu")))
 
 
 def export(path, out=""):
-    """Write the deployed.pt of the checkpoint at `path` (run folder or file) to `out` (default: beside it).
-    Returns (output path, the file's dict)."""
+    """Write the deployed.pt of the checkpoint at `path` (run folder or file) to `out` (default:
+    beside the checkpoint). Returns (output path, the file's dict)."""
     ckpt = checkpoint_path(path)
     ck = read_checkpoint(ckpt)
     module, args, model = load_model(ck, ckpt)
@@ -107,7 +109,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("path", help="a run folder (--out of a run) or its checkpoint.pt")
-    p.add_argument("--out", default="", help="output file (default: deployed.pt beside the checkpoint)")
+    p.add_argument("--out", default="", help="output file (default: deployed.pt beside the "
+                                             "checkpoint)")
     opts = p.parse_args(argv)
     out, d = export(opts.path, opts.out)
     acc = "" if d["test_acc"] is None else f", test_acc {d['test_acc']:.2f} on {d['dataset']}"

@@ -1,12 +1,12 @@
 """Draw the learning curves of the recorded results grids, from the per-epoch log kept with each run
 (results/<grid>/<run>.metrics.jsonl, written by tools/reproduce.py):
 
-    docs/img/<grid>-acc.png     test accuracy of each method's deployed model per epoch, mean over seeds,
-                                light band = min-max over seeds; the baseline dashed black
-    docs/img/<grid>-losses.png  one panel per method: each logged loss term per epoch (mean over seeds,
-                                log scale), and the ramp-up weight w(e) where the method logs one
+    docs/img/<grid>-acc.png     test accuracy of each method's deployed model per epoch, mean
+                                over seeds, light band = min-max over seeds; baseline dashed black
+    docs/img/<grid>-losses.png  one panel per method: each logged loss term per epoch (mean over
+                                seeds, log scale), and the ramp-up weight w(e) where one is logged
 
-    python tools/plot.py                      # every grid in results/ that has per-epoch logs (make plot)
+    python tools/plot.py                # every grid in results/ with per-epoch logs (make plot)
     python tools/plot.py --grids tiny --out docs/img
 
 Needs matplotlib, an optional extra used by nothing else here: pip install -r requirements-plot.txt.
@@ -19,7 +19,7 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ORDER = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]
-NOT_LOSSES = {"epoch", "lr", "sec", "images", "images_per_s", "w"}  # logged per epoch, but not loss terms
+NOT_LOSSES = {"epoch", "lr", "sec", "images", "images_per_s", "w"}  # logged, but not loss terms
 
 
 def fail(msg):
@@ -27,9 +27,9 @@ def fail(msg):
 
 
 def load_curves(results_dir, grids=None):
-    """{grid: {label: {'method', 'arch', 'data', 'deployed', 'seeds': [...], 'rows': [[epoch rows] per seed],
-    'synthetic'}}} for every recorded run that has a per-epoch log. label = the method, plus arch / data
-    where a grid holds several."""
+    """{grid: {label: {'method', 'arch', 'data', 'deployed', 'seeds': [...], 'rows': [[epoch rows]
+    per seed], 'synthetic'}}} for every recorded run that has a per-epoch log. label = the method,
+    plus arch / data / epochs where a grid holds several."""
     out = {}
     names = sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []
     for grid in names:
@@ -46,13 +46,15 @@ def load_curves(results_dir, grids=None):
             with open(log) as f:
                 rows = [json.loads(line) for line in f if line.strip()]
             key = (r["method"], r["arch"], r["data"], r["epochs"])
-            g = groups.setdefault(key, dict(method=r["method"], arch=r["arch"], data=r["data"], seeds=[], rows=[],
-                                             deployed=r["deployed"], synthetic=r.get("synthetic", False)))
+            g = groups.setdefault(key, dict(method=r["method"], arch=r["arch"], data=r["data"],
+                                             seeds=[], rows=[], deployed=r["deployed"],
+                                             synthetic=r.get("synthetic", False)))
             g["seeds"].append(r["seed"])
             g["rows"].append(rows)
         if not groups:
             continue
-        several = {k: len({key[i] for key in groups}) > 1 for i, k in ((1, "arch"), (2, "data"), (3, "epochs"))}
+        several = {k: len({key[i] for key in groups}) > 1
+                   for i, k in ((1, "arch"), (2, "data"), (3, "epochs"))}
         labelled = {}
         for key in sorted(groups, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k)):
             extra = [str(v) for v, k in zip(key[1:], ("arch", "data", "epochs")) if several[k]]
@@ -97,14 +99,17 @@ def _pyplot():
 
 def _save(fig, path):
     tmp = path + ".tmp"
-    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})  # no version stamp: stable bytes
+    # no version stamp in the file: the same logs give the same bytes
+    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
 def _subtitle(groups):
     g = next(iter(groups.values()))
     seeds = sorted({len(x["seeds"]) for x in groups.values()})
-    data = "synthetic data (a pipeline check, not a method comparison)" if g["synthetic"] else g["data"]
+    data = g["data"]
+    if g["synthetic"]:
+        data = "synthetic data (a pipeline check, not a method comparison)"
     return f"{g['arch']}, {data}, {'/'.join(map(str, seeds))} seed(s)"
 
 
@@ -113,8 +118,9 @@ def plot_accuracy(plt, grid, groups, path):
     for label, g in groups.items():
         epochs, mean, lo, hi = band(g["rows"], f"acc/{g['deployed']}")
         base = g["method"] == "baseline"
-        line, = ax.plot(epochs, mean, "--" if base else "-", color="black" if base else None, lw=2 if base else 1.5,
-                        marker="o" if len(epochs) <= 20 else None, ms=3, label=f"{label} ({g['deployed']})")
+        line, = ax.plot(epochs, mean, "--" if base else "-", color="black" if base else None,
+                        lw=2 if base else 1.5, marker="o" if len(epochs) <= 20 else None, ms=3,
+                        label=f"{label} ({g['deployed']})")
         if len(g["rows"]) > 1:
             ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
     ax.set_xlabel("epoch")
@@ -136,7 +142,8 @@ def plot_losses(plt, grid, groups, path):
         for term in loss_terms(g["rows"]):
             epochs, mean, _, _ = band(g["rows"], term)
             if any(v > 0 for v in mean):
-                ax.plot(epochs, mean, lw=2 if term == "loss" else 1, color="black" if term == "loss" else None,
+                total = term == "loss"
+                ax.plot(epochs, mean, lw=2 if total else 1, color="black" if total else None,
                         label=term)
         ax.set_yscale("log")
         ax.set_title(label, fontsize=9)
@@ -153,8 +160,8 @@ def plot_losses(plt, grid, groups, path):
         ax.legend(fontsize=6, ncol=2 if len(ax.lines) > 6 else 1, loc="lower left")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"grid {grid}: loss terms per epoch (mean over seeds, log scale); {_subtitle(groups)}",
-                 fontsize=9)
+    fig.suptitle(f"grid {grid}: loss terms per epoch (mean over seeds, log scale); "
+                 f"{_subtitle(groups)}", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -164,15 +171,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--results", default=os.path.join(ROOT, "results"), help="the recorded grids")
-    p.add_argument("--out", default=os.path.join(ROOT, "docs", "img"), help="where the PNG files go")
-    p.add_argument("--grids", default="", help="comma-separated grids (default: every one with per-epoch logs)")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "img"),
+                   help="where the PNG files go")
+    p.add_argument("--grids", default="",
+                   help="comma-separated grids (default: every one with per-epoch logs)")
     opts = p.parse_args(argv)
     wanted = [g for g in opts.grids.split(",") if g]
     curves = load_curves(opts.results, wanted or None)
     missing = [g for g in wanted if g not in curves]
     if missing or not curves:
-        fail(f"no per-epoch logs (<run>.metrics.jsonl) for grid(s) {', '.join(missing) or 'any'} in "
-             f"{opts.results!r}; `python tools/reproduce.py run <grid>` records them")
+        fail(f"no per-epoch logs (<run>.metrics.jsonl) for grid(s) {', '.join(missing) or 'any'} "
+             f"in {opts.results!r}; `python tools/reproduce.py run <grid>` records them")
     plt = _pyplot()
     os.makedirs(opts.out, exist_ok=True)
     written = []
@@ -181,8 +190,9 @@ def main(argv=None):
             path = os.path.join(opts.out, f"{grid}-{kind}.png")
             draw(plt, grid, groups, path)
             written.append(path)
-        print(f"grid {grid}: {len(groups)} method(s), {sum(len(g['seeds']) for g in groups.values())} runs -> "
-              f"{grid}-acc.png, {grid}-losses.png in {opts.out}", flush=True)
+        n = sum(len(g["seeds"]) for g in groups.values())
+        print(f"grid {grid}: {len(groups)} method(s), {n} runs -> {grid}-acc.png, "
+              f"{grid}-losses.png in {opts.out}", flush=True)
     return written
 
 
