@@ -1,10 +1,11 @@
 """deployed.pt, tools/export.py and tools/evaluate.py.
 
-Every method's finished run writes its deployed network as a plain backbone: build_backbone(arch, C) loads
-it with strict=True, and that network, alone, scores exactly the run's test_acc on the same test images
-(its logits equal the method's own evaluation of that model). The export tool makes the same file from a
-checkpoint (also one written before checkpoints recorded the deployed model and the normalisation); the
-evaluation tool scores a checkpoint's models or a deployed.pt without training, with one-line errors.
+Every method's finished run writes its deployed network as a plain backbone: build_backbone(arch,
+C) loads it with strict=True, and that network, alone, scores exactly the run's test_acc on the same
+test images (its logits equal the method's own evaluation of that model). The export tool makes the
+same file from a checkpoint (also one written before checkpoints recorded the deployed model and the
+normalisation); the evaluation tool scores a checkpoint's models or a deployed.pt without training,
+with one-line errors.
 One tiny 1-epoch CPU run per case, shared by every test here.
 """
 import contextlib
@@ -30,12 +31,11 @@ import evaluate  # noqa: E402
 import export  # noqa: E402
 
 SMALL = dict(dataset="fake", subset=256, test_subset=200, batch_size=32, epochs=1, device="cpu")
-# (method, --arch, method flags, the deployed backbone). wrn16_2: a non-ResNet whose stem is a bare conv and
-# whose stage 3 ends in BN + ReLU; OKDDip deploys its LAST branch. DML with mixed peers deploys peer 1 with
-# its own backbone.
-CASES = {"baseline": ("baseline", "resnet8", {}, "resnet8"), "dml": ("dml", "resnet8", {}, "resnet8"),
-         "one": ("one", "resnet8", {}, "resnet8"), "okddip": ("okddip", "resnet8", {}, "resnet8"),
-         "pcl": ("pcl", "resnet8", {}, "resnet8"), "ffsd": ("ffsd", "resnet8", {}, "resnet8"),
+# (method, --arch, method flags, the deployed backbone). wrn16_2: a non-ResNet whose stem is a bare
+# conv and whose stage 3 ends in BN + ReLU; OKDDip deploys its LAST branch. DML with mixed peers
+# deploys peer 1 with its own backbone.
+METHODS = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]
+CASES = {**{m: (m, "resnet8", {}, "resnet8") for m in METHODS},
          "okddip-wrn": ("okddip", "wrn16_2", {"num_peers": 2}, "wrn16_2"),
          "dml-mixed": ("dml", "wrn16_2,resnet8", {}, "wrn16_2")}
 DIR, RUNS = None, {}
@@ -78,15 +78,16 @@ class DeployedFile(unittest.TestCase):
             with self.subTest(case):
                 d = load(os.path.join(args.out, "deployed.pt"))  # plain tensors and values only
                 arch = CASES[case][3]
-                self.assertEqual((d["arch"], d["num_classes"], d["method"], d["model"], d["dataset"]),
-                                 (arch, 10, CASES[case][0], final["deployed"], "fake"))
+                self.assertEqual((d["arch"], d["num_classes"], d["method"], d["model"]),
+                                 (arch, 10, CASES[case][0], final["deployed"]))
+                self.assertEqual(d["dataset"], "fake")
                 self.assertEqual(final["deployed_arch"], arch)
                 net = common.build_backbone(d["arch"], d["num_classes"])
                 self.assertEqual(set(d["state_dict"]), set(net.state_dict()))
                 net.load_state_dict(d["state_dict"], strict=True)
                 x, y, data = test_batch(d, args)
                 self.assertEqual(d["classes"], data.classes)
-                self.assertEqual(d["mean"], data.mean.flatten().tolist())  # the training subset's statistics
+                self.assertEqual(d["mean"], data.mean.flatten().tolist())  # the training subset's
                 with torch.no_grad():
                     acc = 100.0 * (net.eval()(x).argmax(-1) == y).sum().item() / len(y)
                 self.assertEqual(acc, final["test_acc"])
@@ -106,14 +107,17 @@ class DeployedFile(unittest.TestCase):
                 with torch.no_grad():
                     own = module.evaluate(model.eval(), x)[final["deployed"]]
                     self.assertTrue(torch.equal(net.eval()(x), own))
-                    for other in [k for k in module.evaluate(model, x) if k != final["deployed"]][:1]:
-                        self.assertFalse(torch.equal(net(x), module.evaluate(model, x)[other]), other)
+                    outs = module.evaluate(model, x)
+                    for other in [k for k in outs if k != final["deployed"]][:1]:
+                        self.assertFalse(torch.equal(net(x), outs[other]), other)
 
     def test_mixed_dml_names_peers_by_backbone(self):
         final = RUNS["dml-mixed"][2]
         self.assertEqual(final["deployed"], "peer1_wrn16_2")
-        self.assertEqual(set(final["models"]), {"peer1_wrn16_2", "peer2_resnet8", "ensemble", "peer_avg"})
-        self.assertEqual(set(RUNS["dml"][2]["models"]), {"peer1", "peer2", "ensemble", "peer_avg"})  # unchanged
+        self.assertEqual(set(final["models"]),
+                         {"peer1_wrn16_2", "peer2_resnet8", "ensemble", "peer_avg"})
+        # one backbone: the names of before
+        self.assertEqual(set(RUNS["dml"][2]["models"]), {"peer1", "peer2", "ensemble", "peer_avg"})
 
 
 class Export(unittest.TestCase):
@@ -132,8 +136,8 @@ class Export(unittest.TestCase):
                 self.same_file(load(out), load(os.path.join(args.out, "deployed.pt")))
 
     def test_export_from_a_checkpoint_written_before_deployed_files(self):
-        # A checkpoint without the recorded deployed name and normalisation, no final.json beside it: both
-        # are recovered (the name per method, the statistics from the run's own data).
+        # A checkpoint without the recorded deployed name and normalisation, no final.json beside
+        # it: both are recovered (the name per method, the statistics from the run's own data).
         _, args, _ = RUNS["pcl"]
         ck = torch.load(os.path.join(args.out, "checkpoint.pt"), weights_only=False)
         del ck["deployed"], ck["data"]
@@ -144,7 +148,8 @@ class Export(unittest.TestCase):
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertIn("wrote ", p.stdout)
         self.assertIn("mt_peer1 of pcl (resnet8, 10 classes, epoch 1, test_acc", p.stdout)
-        self.same_file(load(os.path.join(old, "deployed.pt")), load(os.path.join(args.out, "deployed.pt")))
+        self.same_file(load(os.path.join(old, "deployed.pt")),
+                       load(os.path.join(args.out, "deployed.pt")))
 
     def test_not_a_checkpoint(self):
         bad = os.path.join(tmpdir(self), "checkpoint.pt")
@@ -176,9 +181,12 @@ class Evaluate(unittest.TestCase):
                 _, args, final = RUNS[case]
                 accs, lines = self.run_tool(args.out, "--device", "cpu")
                 averages = {"peer_avg", "student_avg", "branch_avg"}
-                self.assertEqual(accs, {k: v for k, v in final["models"].items() if k not in averages})
+                self.assertEqual(accs, {k: v for k, v in final["models"].items()
+                                        if k not in averages})
                 self.assertEqual(len(lines), 1 + len(accs))  # a header, then one line per model
-                self.assertIn(f"{final['deployed']} ", [ln for ln in lines if ln.endswith("(deployed)")][0])
+                marked = [ln for ln in lines if ln.endswith("(deployed)")]
+                self.assertEqual(len(marked), 1)
+                self.assertTrue(marked[0].startswith(f"{final['deployed']} "), marked)
                 self.assertIn("fake (200 test images, 10 classes) | cpu", lines[0])
 
     def test_a_deployed_file_gives_its_one_network(self):
@@ -193,7 +201,8 @@ class Evaluate(unittest.TestCase):
 
     def test_as_a_script(self):
         _, args, final = RUNS["baseline"]
-        p = run_script("tools/evaluate.py", os.path.join(args.out, "deployed.pt"), "--device", "cpu")
+        p = run_script("tools/evaluate.py", os.path.join(args.out, "deployed.pt"),
+                       "--device", "cpu")
         self.assertEqual(p.returncode, 0, p.stderr)
         self.assertEqual(p.stdout.splitlines()[-1], f"net {final['test_acc']:6.2f}  (deployed)")
 
@@ -204,12 +213,14 @@ class Evaluate(unittest.TestCase):
         for split in ("train", "test"):  # an image folder with 2 classes
             for c in ("cat", "dog"):
                 os.makedirs(os.path.join(d, "two", split, c))
-                write_png(torch.zeros(3, 32, 32, dtype=torch.uint8), os.path.join(d, "two", split, c, "0.png"))
-        msg = self.error(deployed, "--dataset", "folder", "--data-dir", os.path.join(d, "two"), "--test-subset", "0")
-        self.assertIn("holds a resnet8 for 10 classes, but --dataset folder has 2", msg)
-        msg = self.error(args.out, "--dataset", "folder", "--data-dir", os.path.join(d, "two"), "--test-subset", "0")
-        self.assertIn("holds a resnet8 for 10 classes, but --dataset folder has 2", msg)
-        self.assertIn("holds a resnet8, not --arch resnet20", self.error(deployed, "--arch", "resnet20"))
+                write_png(torch.zeros(3, 32, 32, dtype=torch.uint8),
+                          os.path.join(d, "two", split, c, "0.png"))
+        two = ["--dataset", "folder", "--data-dir", os.path.join(d, "two"), "--test-subset", "0"]
+        for path in (deployed, args.out):  # the deployed network, or the run's checkpoint
+            msg = self.error(path, *two)
+            self.assertIn("holds a resnet8 for 10 classes, but --dataset folder has 2", msg)
+        msg = self.error(deployed, "--arch", "resnet20")
+        self.assertIn("holds a resnet8, not --arch resnet20", msg)
         # a file that claims one backbone but holds another's weights
         tampered = {**load(deployed), "arch": "resnet20"}
         torch.save(tampered, os.path.join(d, "tampered.pt"))
@@ -219,11 +230,14 @@ class Evaluate(unittest.TestCase):
             f.write(b"\x00\x01garbage" * 20)
         self.assertIn("cannot read", self.error(os.path.join(d, "garbage.pt")))
         torch.save({"some": "dict"}, os.path.join(d, "other.pt"))
-        self.assertIn("neither a checkpoint nor a deployed.pt", self.error(os.path.join(d, "other.pt")))
+        msg = self.error(os.path.join(d, "other.pt"))
+        self.assertIn("neither a checkpoint nor a deployed.pt", msg)
         self.assertIn("holds neither checkpoint.pt nor deployed.pt", self.error(d))
         with mock.patch.object(common, "_mps_available", return_value=False):
-            self.assertIn("--device mps but Apple's MPS backend is not available", self.error(deployed, "--device", "mps"))
-        self.assertIn("--dataset 'imagenet' is not one of", self.error(deployed, "--dataset", "imagenet"))
+            msg = self.error(deployed, "--device", "mps")
+        self.assertIn("--device mps but Apple's MPS backend is not available", msg)
+        msg = self.error(deployed, "--dataset", "imagenet")
+        self.assertIn("--dataset 'imagenet' is not one of", msg)
 
     def test_device_is_honoured(self):
         _, args, final = RUNS["baseline"]

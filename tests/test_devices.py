@@ -1,5 +1,5 @@
-"""--device on laptops: auto picks CUDA, then Apple's MPS, then the CPU; cuda / mps asked for but absent is
-a one-line error; bf16 and channels_last stay CUDA-only. The GPUs are mocked (no GPU is needed)."""
+"""--device on laptops: auto picks CUDA, then Apple's MPS, then the CPU; cuda / mps asked for but
+absent is a one-line error; bf16 and channels_last stay CUDA-only. GPUs are mocked (none needed)."""
 import os
 import unittest
 from unittest import mock
@@ -42,7 +42,7 @@ class DevicePick(unittest.TestCase):
             self.assertTrue(common._mps_available())
         with mock.patch.object(torch.backends.mps, "is_available", return_value=False):
             self.assertFalse(common._mps_available())
-        with mock.patch.object(torch, "backends", object()):  # a build without the MPS backend at all
+        with mock.patch.object(torch, "backends", object()):  # a build without any MPS backend
             self.assertFalse(common._mps_available())
 
     def test_flag_accepts_mps(self):
@@ -51,7 +51,7 @@ class DevicePick(unittest.TestCase):
 
 class FastPath(unittest.TestCase):
     def setup_on(self, device_type):
-        """common.setup as on a machine whose picked device is `device_type` (data kept on the CPU)."""
+        """common.setup as on a machine whose picked device is `device_type` (data on the CPU)."""
         args = baseline.Args(arch="resnet8", dataset="fake", out=os.path.join(tmpdir(self), "run"))
         data = fake_run(args, 16).data
         benchmark = torch.backends.cudnn.benchmark
@@ -63,7 +63,8 @@ class FastPath(unittest.TestCase):
         return run
 
     def test_bf16_and_channels_last_are_cuda_only(self):
-        self.assertEqual([(r.amp, r.channels_last) for r in map(self.setup_on, ("cuda", "mps", "cpu"))],
+        runs = [self.setup_on(device) for device in ("cuda", "mps", "cpu")]
+        self.assertEqual([(r.amp, r.channels_last) for r in runs],
                          [(True, True), (False, False), (False, False)])
 
     def test_epoch_timing_waits_for_the_device(self):

@@ -150,8 +150,8 @@ class TestDMLRun(unittest.TestCase):
 
 
 class TestDMLMixedPeers(unittest.TestCase):
-    """--arch resnet8,wrn16_2: one backbone per peer (the DML paper's mixed pairs). The routing tests above
-    hold with peers of different architectures."""
+    """--arch resnet8,wrn16_2: one backbone per peer (the DML paper's mixed pairs). The routing
+    tests above hold with peers of different architectures."""
     ARCH = "resnet8,wrn16_2"
 
     def test_one_backbone_per_peer_named_by_it(self):
@@ -164,13 +164,15 @@ class TestDMLMixedPeers(unittest.TestCase):
                          ["peer1", "peer2", "peer3"])  # one backbone: the names of before
 
     def test_the_list_sets_K_and_a_conflicting_num_peers_is_an_error(self):
-        self.assertEqual(dml.resolve(dml.Args(arch="resnet8,resnet20,wrn16_2")).num_peers, 3)
-        self.assertEqual(dml.resolve(dml.Args(arch="resnet8,resnet20,wrn16_2", num_peers=3)).num_peers, 3)
+        three = "resnet8,resnet20,wrn16_2"
+        self.assertEqual(dml.resolve(dml.Args(arch=three)).num_peers, 3)
+        self.assertEqual(dml.resolve(dml.Args(arch=three, num_peers=3)).num_peers, 3)
         self.assertEqual(dml.resolve(dml.Args(arch="resnet8", num_peers=4)).num_peers, 4)
         with self.assertRaises(SystemExit) as cm:
             dml.resolve(dml.Args(arch="resnet8,resnet20", num_peers=3))
-        self.assertEqual(str(cm.exception.code), "error: --arch 'resnet8,resnet20' names 2 peers but --num-peers "
-                                                 "is 3; leave --num-peers out or make them agree")
+        self.assertEqual(str(cm.exception.code),
+                         "error: --arch 'resnet8,resnet20' names 2 peers but --num-peers is 3; "
+                         "leave --num-peers out or make them agree")
 
     def test_loss_of_network_1_reaches_no_other_network(self):
         model = dml.build_model(dml.Args(arch=self.ARCH), 10)
@@ -182,8 +184,8 @@ class TestDMLMixedPeers(unittest.TestCase):
         self.assertTrue(all(p.grad is not None and p.grad.any() for p in model[0].parameters()))
 
     def test_joint_step_equals_per_network_steps(self):
-        """The KD targets are detached: one SGD step on L = sum_k L_k moves each network exactly as a step on
-        its own L_k (pre-update peer logits) would, whatever the peers' architectures."""
+        """The KD targets are detached: one SGD step on L = sum_k L_k moves each network exactly as
+        a step on its own L_k (pre-update peer logits) would, whatever the peers' backbones."""
         args = tiny(dml.Args, self, arch=self.ARCH)
         run = fake_run(args, n=8)
         model = dml.build_model(args, 10)

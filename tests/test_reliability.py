@@ -287,9 +287,9 @@ class NumericalFaults(unittest.TestCase):
 
 
 class BeforeTraining(unittest.TestCase):
-    """Ctrl-C or bad data before the first epoch: one line, and no half-made run folder (--out is created
-    only when training starts)."""
-    # A real process whose data loading is made slow (so the signal lands there); it says when it got there.
+    """Ctrl-C or bad data before the first epoch: one line, and no half-made run folder (--out is
+    created only when training starts)."""
+    # A real process whose data loading is made slow (the signal lands there); it says when it is.
     DRIVER = ("import sys, time, common, baseline\n"
               "def slow(*a, **kw):\n"
               "    print('loading', flush=True)\n"
@@ -299,21 +299,23 @@ class BeforeTraining(unittest.TestCase):
 
     def test_sigint_while_the_data_loads_is_one_line_and_writes_nothing(self):
         out = os.path.join(tmpdir(self), "run")
-        p = subprocess.Popen([sys.executable, "-c", self.DRIVER, "--arch", "resnet8", "--dataset", "fake",
-                              "--device", "cpu", "--out", out], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        argv = ["--arch", "resnet8", "--dataset", "fake", "--device", "cpu", "--out", out]
+        p = subprocess.Popen([sys.executable, "-c", self.DRIVER, *argv], cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.assertEqual(p.stdout.readline(), "loading\n")
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=120)
         self.assertEqual(p.returncode, 130, err)
-        self.assertEqual(err, f"interrupted while loading the data; nothing was written to {out!r}\n")
+        self.assertEqual(err, f"interrupted while loading the data; nothing was written to "
+                              f"{out!r}\n")
         self.assertFalse(os.path.exists(out))
 
     def test_a_data_error_leaves_no_run_folder(self):
         out = os.path.join(tmpdir(self), "run")
-        args = baseline.Args(arch="resnet8", dataset="folder", data_dir=os.path.join(tmpdir(self), "none"),
-                             device="cpu", out=out)
+        args = baseline.Args(arch="resnet8", dataset="folder", device="cpu", out=out,
+                             data_dir=os.path.join(tmpdir(self), "none"))
         self.assertIn("has no train/ folder", error_line(self, baseline.main, args))
         self.assertFalse(os.path.exists(out))
         # a resumed run's folder is left exactly as it was
