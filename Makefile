@@ -2,7 +2,7 @@ PY ?= python3
 METHODS = dml one okddip pcl ffsd
 GRID ?= short
 
-.PHONY: help install test smoke diff bench reproduce report
+.PHONY: help install test smoke diff bench reproduce report plot
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -28,3 +28,6 @@ reproduce: ## run the results grid GRID (tiny, short, table1, table1-jpeg; DATA_
 
 report: ## render results/ into RESULTS.md and README.md's results section
 	$(PY) tools/reproduce.py report
+
+plot: ## draw each grid's learning curves into docs/img/ (needs requirements-plot.txt)
+	$(PY) tools/plot.py

@@ -34,6 +34,7 @@ def write_folder(root, size=32, classes=("cat", "dog"), extra=None):
     return root
 
 
+@unittest.skipUnless(hasattr(os, "fork"), "one process per case needs os.fork (Linux, macOS, WSL)")
 class BadInput(unittest.TestCase):
     @classmethod
     def setUpClass(cls):

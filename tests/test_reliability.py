@@ -132,6 +132,7 @@ class Interruption(unittest.TestCase):
         self.assertEqual(torch.load(path)["epoch"], 1)
         self.assertEqual(os.listdir(os.path.dirname(path)), ["checkpoint.pt"])
 
+    @unittest.skipIf(os.name == "nt", "sends SIGINT to a child process (POSIX)")
     def test_sigint_exits_130_with_one_resume_line_and_the_command_works(self):
         out = os.path.join(tmpdir(self), "run")
         argv = ["baseline.py", "--arch", "resnet8", "--dataset", "fake", "--subset", "96", "--test-subset", "50",
@@ -297,6 +298,7 @@ class BeforeTraining(unittest.TestCase):
               "common.load_data = slow\n"
               "baseline.main(common.parse_args(baseline.Args, sys.argv[1:]))\n")
 
+    @unittest.skipIf(os.name == "nt", "sends SIGINT to a child process (POSIX)")
     def test_sigint_while_the_data_loads_is_one_line_and_writes_nothing(self):
         out = os.path.join(tmpdir(self), "run")
         argv = ["--arch", "resnet8", "--dataset", "fake", "--device", "cpu", "--out", out]

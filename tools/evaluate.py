@@ -70,12 +70,12 @@ def main(argv=None):
     if kind == "deployed":
         method, arch, recorded, info = obj["method"], obj["arch"], {"dataset": obj["dataset"]}, obj
         recorded["test_subset"] = obj.get("test_subset", 0)
-        bf16, what = obj.get("bf16", False), f"deployed {obj['model']} of {method}"
+        bf16, what = obj.get("bf16", False), f"{method}'s deployed {obj['model']}"
     else:
         module, args, model = export.load_model(obj, path)
         method, arch, info = obj["meta"]["method"], args.arch, obj.get("data")
         recorded = dataclasses.asdict(args)
-        bf16, what = args.bf16, f"checkpoint of {method}, epoch {obj['epoch']}"
+        bf16, what = args.bf16, f"{method}, epoch {obj['epoch']}"
     if opts.arch and opts.arch != arch:
         common.fail(f"{path!r} holds a {arch}, not --arch {opts.arch}")
     targs = common.TrainArgs(
