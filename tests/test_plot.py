@@ -114,7 +114,7 @@ class Pictures(unittest.TestCase):
                          ["g-acc.png", "g-losses.png", "h-acc.png", "h-losses.png"])
         self.assertEqual(sorted(written), [os.path.join(out, n) for n in sorted(os.listdir(out))])
         self.assertEqual(png_size(os.path.join(out, "g-acc.png")), (700, 450))  # 7 x 4.5 in
-        self.assertEqual(png_size(os.path.join(out, "g-losses.png")), (840, 340))  # 2 panels, 1 row
+        self.assertEqual(png_size(os.path.join(out, "g-losses.png")), (920, 380))  # 2 panels, 1 row
         with open(os.path.join(out, "g-acc.png"), "rb") as f:
             first = f.read()
         plot.main(["--results", root, "--out", out, "--grids", "g"])

@@ -97,6 +97,17 @@ def _pyplot():
     return plt
 
 
+def _axes_style(ax):
+    """Whole epochs on x; plain numbers (no 10^x labels) on a log y axis."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3)
+
+
 def _save(fig, path):
     tmp = path + ".tmp"
     # no version stamp in the file: the same logs give the same bytes
@@ -126,8 +137,8 @@ def plot_accuracy(plt, grid, groups, path):
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 % of the deployed model")
     ax.set_title(f"grid {grid}: {_subtitle(groups)}\nmean over seeds, band = min-max", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _axes_style(ax)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -137,7 +148,7 @@ def plot_losses(plt, grid, groups, path):
     n = len(groups)
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
     for ax, (label, g) in zip(axes.flat, groups.items()):
         for term in loss_terms(g["rows"]):
             epochs, mean, _, _ = band(g["rows"], term)
@@ -149,15 +160,16 @@ def plot_losses(plt, grid, groups, path):
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        epochs, w, _, _ = band(g["rows"], "w")
-        if epochs:
-            twin = ax.twinx()
-            twin.plot(epochs, w, ":", color="grey", label="w(e) (right)")
-            twin.set_ylim(0, 1.05)
-            twin.tick_params(labelsize=7)
-            twin.legend(fontsize=6, loc="upper right")
-        ax.legend(fontsize=6, ncol=2 if len(ax.lines) > 6 else 1, loc="lower left")
+        _axes_style(ax)
+        top, epochs, w, _, _ = ax, *band(g["rows"], "w")
+        if epochs:  # the ramp-up weight, on its own axis (drawn above: it holds the legend)
+            top = ax.twinx()
+            top.plot(epochs, w, ":", color="grey", label="w(e), right axis")
+            top.set_ylim(0, 1.05)
+            top.tick_params(labelsize=7)
+        handles = ax.get_lines() + (top.get_lines() if top is not ax else [])
+        top.legend(handles=handles, fontsize=6, ncol=2 if len(handles) > 6 else 1, loc="best",
+                   framealpha=0.7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     fig.suptitle(f"grid {grid}: loss terms per epoch (mean over seeds, log scale); "
