@@ -38,7 +38,7 @@ METHODS = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]
 CASES = {**{m: (m, "resnet8", {}, "resnet8") for m in METHODS},
          "okddip-wrn": ("okddip", "wrn16_2", {"num_peers": 2}, "wrn16_2"),
          "dml-mixed": ("dml", "wrn16_2,resnet8", {}, "wrn16_2")}
-DIR, RUNS = None, {}
+DIR, RUNS, DATA = None, {}, {}
 
 
 def quiet(fn, *a, **kw):
@@ -63,7 +63,10 @@ def tearDownModule():
 
 def test_batch(info, args):
     """The run's test images normalised with the file's statistics, as evaluate_all does it."""
-    data = common.load_data(args, torch.device("cpu"))
+    key = (args.dataset, args.subset, args.test_subset)  # the same for every case: load it once
+    if key not in DATA:
+        DATA[key] = common.load_data(args, torch.device("cpu"))
+    data = DATA[key]
     mean, std = (torch.tensor(info[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
     return (data.test_x.float() / 255 - mean) / std, data.test_y, data
 
