@@ -102,7 +102,9 @@ def _axes_style(ax):
     from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if ax.get_yscale() == "log":
-        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        lo, hi = ax.get_ylim()  # ticks at 1, 2, 5 x 10^k over a short range, 10^k over a long one
+        subs = (1.0, 2.0, 5.0) if hi / lo < 1000 else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
