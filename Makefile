@@ -4,7 +4,7 @@ GRID ?= short
 NPZ ?= $(wildcard local/cifar10_jpeg.npz)
 BUDGET ?= 460
 
-.PHONY: help install test smoke diff bench reproduce report assignment grade gpu-check gpu-ingest
+.PHONY: help install test smoke diff bench reproduce report plot assignment grade gpu-check gpu-ingest
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -32,6 +32,9 @@ reproduce: ## run the results grid GRID (tiny, short, table1, table1-jpeg; DATA_
 
 report: ## render results/ into RESULTS.md and README.md's results section
 	$(PY) tools/reproduce.py report
+
+plot: ## draw each grid's learning curves into docs/img/ (needs requirements-plot.txt)
+	$(PY) tools/plot.py
 
 assignment: ## student copy of METHOD=<method> with its algorithm regions blanked (OUT=student/<method>.py)
 	$(PY) tools/assignment.py make $(METHOD) $(if $(OUT),--out $(OUT))

@@ -70,12 +70,18 @@ def evaluate(model, x):
     # ===== END ALGO =====
 
 
+def deployed_net(model, args):
+    """The deployed model as a plain backbone (written to deployed.pt): the one network."""
+    return model
+
+
 # ===== 7. Main =====
 def main(args):
     run = common.setup(args, method="baseline")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
-    return common.fit(run, model, optimizers, train_step, evaluate, deployed="net")
+    return common.fit(run, model, optimizers, train_step, evaluate, deployed="net",
+                      deployed_net=deployed_net)
 
 
 if __name__ == "__main__":

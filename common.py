@@ -80,7 +80,8 @@ class TrainArgs:
     weight_decay: float = arg(5e-4, "SGD weight decay (L2, coupled)")
     pad_mode: str = arg("zero", "random-crop padding (4 pixels): zero (black) or reflect", choices=["zero", "reflect"])
     seed: int = arg(0, "random seed (initialisation, batch order, augmentation)")
-    device: str = arg("auto", "auto = cuda if available, else cpu", choices=["auto", "cpu", "cuda"])
+    device: str = arg("auto", "auto = cuda if available, else mps (Apple silicon), else cpu",
+                      choices=["auto", "cpu", "cuda", "mps"])
     bf16: bool = arg(True, "bf16 autocast for forward and loss (CUDA only; ignored on CPU)")
     channels_last: bool = arg(True, "channels_last memory layout (CUDA only; ignored on CPU)")
     drop_last: bool = arg(False, "drop each epoch's last partial training batch, so every step has "
@@ -483,7 +484,9 @@ BACKBONES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet56, resn
 def build_backbone(arch, num_classes):
     if arch not in BACKBONES:
         fail(f"unknown --arch {arch!r}; choices: {', '.join(BACKBONES)}")
-    return BACKBONES[arch](num_classes)
+    net = BACKBONES[arch](num_classes)
+    net.arch = arch  # a plain attribute (not in the state_dict): which backbone deployed.pt holds
+    return net
 
 
 def num_params(module):
@@ -518,6 +521,7 @@ class MultiBranch(nn.Module):
         self.trunk = nn.Sequential(nets[0].stem, *nets[0].stages[:nets[0].split])
         self.branches = nn.ModuleList(Branch(net) for net in nets)
         self.trunk_channels, self.feature_dim = nets[0].widths[nets[0].split - 1], nets[0].feature_dim
+        self.arch, self.widths, self.split = arch, nets[0].widths, nets[0].split
 
     def forward(self, x):
         """x: one batch (B, 3, H, W) shared by every branch, or a list of m views (one per branch; the trunk
@@ -531,17 +535,16 @@ class MultiBranch(nn.Module):
         return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]), t
 
     def single(self, j):
-        """Trunk + branch j as one network (the deployed model of ONE, OKDDip and PCL)."""
-        return nn.Sequential(self.trunk, _LogitsOnly(self.branches[j]))
-
-
-class _LogitsOnly(nn.Module):
-    def __init__(self, branch):
-        super().__init__()
-        self.branch = branch
-
-    def forward(self, x):
-        return self.branch(x)[0]
+        """Trunk + branch j as one plain backbone (the deployed model of ONE, OKDDip, PCL),
+        sharing this network's modules (no copy): stem = trunk[0], stages = trunk[1:] + branch
+        j's stages, then branch j's pool and fc. Its state_dict has exactly the keys of
+        build_backbone(arch, C) (stem.*, stages.i.*, fc.*); its forward is the same computation
+        as trunk + branch j here."""
+        b = self.branches[j]
+        net = Net(self.trunk[0], [*self.trunk[1:], *b.stages], b.pool, b.fc, self.widths,
+                  self.split, self.feature_dim)
+        net.arch = self.arch
+        return net
 
 
 # =====================================================================================================
@@ -635,23 +638,33 @@ def balanced_first(y, n, num_classes):
     return torch.sort(torch.cat(idx)).values
 
 
-def load_data(args, device):
+def load_data(args, device, test_only=False):
+    """Both splits as a Data on `device` (--subset / --test-subset applied). test_only: the test
+    split alone (evaluation; train_x is then empty and mean/std are the test split's, for the
+    caller to replace with the training normalisation where the data set has no fixed one)."""
     if args.dataset in ("cifar10", "cifar100"):
-        (tx, ty, classes), (vx, vy, _) = _cifar(args, True), _cifar(args, False)
+        vx, vy, classes = _cifar(args, False)
+        tx, ty, _ = (vx[:0], vy[:0], None) if test_only else _cifar(args, True)
     elif args.dataset == "folder":
-        if folder_loader(args) == "stream":  # section 6: too big for memory, or resized
+        if test_only:
+            vx, vy, classes = _folder(args.data_dir, "test", size=args.image_size)
+            tx, ty = vx[:0], vy[:0]
+        elif folder_loader(args) == "stream":  # section 6: too big for memory, or resized
             return load_stream(args, device)
-        tx, ty, classes = _folder(args.data_dir, "train", size=args.image_size)
-        vx, vy, _ = _folder(args.data_dir, "test", classes, size=tx.shape[-1])
+        else:
+            tx, ty, classes = _folder(args.data_dir, "train", size=args.image_size)
+            vx, vy, _ = _folder(args.data_dir, "test", classes, size=tx.shape[-1])
     elif args.dataset == "fake":
-        (tx, ty), (vx, vy) = make_fake(10000, seed=1), make_fake(2000, seed=2)
+        vx, vy = make_fake(2000, seed=2)
+        tx, ty = (vx[:0], vy[:0]) if test_only else make_fake(10000, seed=1)
         classes = [f"class{i}" for i in range(10)]
     else:
         fail(f"unknown --dataset {args.dataset!r}; choices: {', '.join(DATASETS)}")
-    for name, n, y in (("subset", args.subset, ty), ("test_subset", args.test_subset, vy)):
+    train_n = 0 if test_only else args.subset
+    for name, n, y in (("subset", train_n, ty), ("test_subset", args.test_subset, vy)):
         if n > len(y):
             fail(f"--{name.replace('_', '-')} {n} is larger than the split ({len(y)} images)")
-    if args.subset:
+    if args.subset and not test_only:
         keep = balanced_first(ty, args.subset, len(classes))
         tx, ty = tx[keep], ty[keep]
     if args.test_subset:
@@ -662,7 +675,7 @@ def load_data(args, device):
     elif tx.shape[-1] > 32:  # section 6: a large folder (Tiny-ImageNet: 100k x 64 x 64), in chunks
         mean, std = channel_stats(tx)
     else:
-        f = tx.float() / 255
+        f = (vx if test_only else tx).float() / 255
         mean, std = f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True)
     return Data(tx.to(device), ty.to(device), vx.to(device), vy.to(device), mean.to(device), std.to(device), classes)
 
@@ -858,33 +871,49 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def _mps_available():
+    mps = getattr(torch.backends, "mps", None)  # Apple's GPU backend (absent from some builds)
+    return bool(mps is not None and mps.is_available())
+
+
+def pick_device(name):
+    """--device: auto = CUDA if present, else Apple's MPS, else the CPU; cuda, mps: must exist."""
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA GPU is visible; choices: auto, cpu, cuda, mps")
+    if name == "mps" and not _mps_available():
+        fail("--device mps but Apple's MPS backend is not available (it needs a Mac with Apple "
+             "silicon and a PyTorch build with MPS); choices: auto, cpu, cuda, mps")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    return torch.device(name)
+
+
 def setup(args, method):
-    """Validate arguments, pick the device, seed, prepare --out, load the data. Returns a Run."""
+    """Validate arguments, pick the device, seed, load the data. Returns a Run. --out is created
+    only when training starts (fit): bad data, an error or Ctrl-C before that leaves no folder."""
     check_args(args)
     apply_recipe(args)  # section 6: --recipe sets the flags left at their defaults (in place)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA GPU is visible; choices: auto, cpu, cuda")
-    device = torch.device("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     device = dist_setup(args, device)  # section 6: under torchrun, join the process group
+    for name in args.arch.split(","):  # a list (one backbone per network) where a method allows it
+        if name not in BACKBONES:
+            fail(f"unknown --arch {name!r}; choices: {', '.join(BACKBONES)}")
     out = args.out or os.path.join("runs", f"{method}-{args.arch}-{args.dataset}-seed{args.seed}")
-    if args.arch not in BACKBONES:
-        fail(f"unknown --arch {args.arch!r}; choices: {', '.join(BACKBONES)}")
     ckpt = os.path.join(out, "checkpoint.pt")
     if args.resume and not os.path.isfile(ckpt):
         fail(f"--resume: no checkpoint at {ckpt!r}")
     if not args.resume and os.path.isfile(ckpt):
         fail(f"{out!r} already holds a run; continue it with --resume or choose another --out")
-    try:
-        os.makedirs(out, exist_ok=True)
-        if not args.resume:  # a resumed run keeps the config.json it was started with
-            _write_json(os.path.join(out, "config.json"), {"method": method, **dataclasses.asdict(args)})
-    except OSError as e:
-        fail(f"cannot write to --out {out!r} ({e.strerror})")
     seed_everything(args.seed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = load_data(args, device)
-    cuda = device.type == "cuda"
+    try:
+        data = load_data(args, device)
+    except KeyboardInterrupt:  # BOILERPLATE: Ctrl-C here: one line, status 130, nothing written
+        print(f"interrupted while loading the data; nothing was written to {out!r}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    cuda = device.type == "cuda"  # bf16 and channels_last: CUDA only (not measured on MPS or CPU)
     run = Run(args, method, device, data, out, amp=cuda and args.bf16,
               channels_last=cuda and args.channels_last)
     if run.drop_last and run.steps_per_epoch == 0:
@@ -892,6 +921,26 @@ def setup(args, method):
         fail(f"--batch-size {args.batch_size} with {why} leaves no training batch: the training "
              f"set has {len(data.train_y)} images; lower --batch-size")
     return run
+
+
+def _open_out(run):
+    """Create --out and write config.json (the arguments) when training starts; a resumed run keeps
+    the config.json it was started with."""
+    try:
+        os.makedirs(run.out, exist_ok=True)
+        if not run.args.resume:
+            config = {"method": run.method, **dataclasses.asdict(run.args)}
+            _write_json(os.path.join(run.out, "config.json"), config)
+    except OSError as e:
+        fail(f"cannot write to --out {run.out!r} ({e.strerror})")
+
+
+def _sync(device):
+    """Wait for the device's queued work (so epoch times are real)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _write_text(path, text):
@@ -907,7 +956,7 @@ def _write_json(path, obj):
     _write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
-def save_checkpoint(path, obj):
+def save_checkpoint(path, obj, what="checkpoint"):
     """Write to a temporary file, then rename: a crash, a full disk or Ctrl-C during the save leaves the
     previous checkpoint as it was (and no half-written temporary file)."""
     if rank() > 0:  # section 6: under torchrun only rank 0 writes
@@ -920,9 +969,51 @@ def save_checkpoint(path, obj):
         if os.path.exists(tmp):
             os.remove(tmp)
         if isinstance(e, Exception):  # disk full, permissions...: one line; Ctrl-C goes on to fit's handler
-            fail(f"cannot write checkpoint {path!r} ({type(e).__name__}: {(str(e) or '?').splitlines()[0]}); "
-                 f"the previous one is kept")
+            why = f"{type(e).__name__}: {(str(e) or '?').splitlines()[0]}"
+            fail(f"cannot write {what} {path!r} ({why}); the previous one is kept")
         raise
+
+
+# BOILERPLATE: deployed.pt = the network a method deploys, as a plain backbone, and what it needs.
+DEPLOYED_FORMAT = "okd-deployed-1"
+
+
+def data_info(data):
+    """What a network trained on `data` needs beside its weights: the input normalisation (in [0, 1]
+    pixel units, per RGB channel) and the class names (label i = classes[i])."""
+    return {"mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist(),
+            "classes": list(data.classes)}
+
+
+def deployed_payload(net, name, method, dataset, info, **extra):
+    """deployed.pt's content: `state_dict` (CPU, contiguous) of the plain backbone `net` (from
+    build_backbone or MultiBranch.single, so build_backbone(arch, num_classes) loads it with
+    strict=True), its `arch`, `num_classes`, normalisation `mean`/`std`, `classes`, the `method`,
+    which of its models it is (`model`, e.g. 'mt_peer1'), the training `dataset` and `extra`
+    (test_acc, epoch, ...). Only tensors, strings, numbers: torch.load(weights_only=True) reads
+    it."""
+    sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+    return {"format": DEPLOYED_FORMAT, "arch": net.arch, "num_classes": len(info["classes"]),
+            **info, "method": method, "model": name, "dataset": dataset, **extra, "state_dict": sd}
+
+
+def load_deployed(path):
+    """Read a deployed.pt: (plain backbone, CPU, eval mode; the file's dict). One-line errors."""
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"cannot read {path!r} ({type(e).__name__}); it is not a deployed.pt (or is corrupt)")
+    if not isinstance(d, dict) or d.get("format") != DEPLOYED_FORMAT:
+        fail(f"{path!r} is not a deployed.pt (no {DEPLOYED_FORMAT!r} format tag)")
+    if d["arch"] not in BACKBONES:
+        fail(f"{path!r} holds an unknown arch {d['arch']!r}; choices: {', '.join(BACKBONES)}")
+    net = build_backbone(d["arch"], d["num_classes"])
+    try:
+        net.load_state_dict(d["state_dict"])  # strict: every key, every shape
+    except RuntimeError as e:
+        fail(f"the weights in {path!r} do not fit a {d['arch']} for {d['num_classes']} classes "
+             f"({str(e).splitlines()[0]})")
+    return net.eval(), d
 
 
 @torch.no_grad()
@@ -947,7 +1038,8 @@ def evaluate_all(run, model, evaluate):
     return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
 
 
-def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None, show=()):
+def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None, show=(),
+        deployed_net=None):
     """The epoch loop every method shares; the method supplies the parts it owns.
 
     model:      nn.Module holding every weight of the method (checkpointed; eval mode while scoring).
@@ -959,11 +1051,14 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
     evaluate(model, x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
     averages:   {name: [model names]} extra columns: the mean of those models' accuracies (e.g. 'peer_avg').
     show:       the loss terms the console row shows besides 'loss' (metrics.jsonl keeps every term).
+    deployed_net(model, args) -> the deployed model as a plain backbone (build_backbone's, or
+                MultiBranch.single's); when given, a finished run also writes it to deployed.pt.
     Stops early after --stop-after epochs (checkpoint kept; returns {'stopped_after_epoch', ...}, no final.json);
     on Ctrl-C prints the command that resumes and exits with status 130; on a non-finite loss term stops with
     a one-line error, keeping the last good checkpoint.
     """
     args, ckpt_path = run.args, os.path.join(run.out, "checkpoint.pt")
+    _open_out(run)
     gen = torch.Generator(device=run.device).manual_seed(args.seed)
     start, history, best = 0, [], {"acc": -1.0, "epoch": 0}
     if args.resume:
@@ -1012,8 +1107,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 kept = f"the checkpoint of epoch {saved} is kept in {run.out!r}" if saved else "no checkpoint was written"
                 fail(f"non-finite loss ({terms}) at epoch {epoch + 1}, step {first - epoch * steps_per_epoch + 1} of "
                      f"{steps_per_epoch}; stopped, {kept} (lower --lr?)")
-            if run.device.type == "cuda":
-                torch.cuda.synchronize()
+            _sync(run.device)
             sec = time.perf_counter() - t0
             accs = evaluate_all(run, model, evaluate)
             for name, members in (averages or {}).items():
@@ -1040,15 +1134,20 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
             _write_text(os.path.join(run.out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
             save_checkpoint(ckpt_path, {
                 "epoch": epoch + 1, "meta": _meta(run), "history": history, "best": best,
-                "model": model.state_dict(),
+                "deployed": deployed, "data": data_info(run.data), "model": model.state_dict(),
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
                 # BOILERPLATE: the run device's RNG only (another GPU count must not matter)
-                "device": run.device.type,
-                "device_rng": (torch.cuda.get_rng_state(run.device) if run.device.type == "cuda"
-                               else None),
+                "device": run.device.type, "device_rng": _device_rng(run.device),
                 "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "args": dataclasses.asdict(args)})
             saved = epoch + 1
+        if deployed_net is not None:  # before final.json: a run with final.json has its deployed.pt
+            net = deployed_net(model, args)
+            payload = deployed_payload(net, deployed, run.method, args.dataset, data_info(run.data),
+                                       test_acc=history[-1][f"acc/{deployed}"],
+                                       epoch=history[-1]["epoch"], test_subset=args.test_subset,
+                                       bf16=run.amp)
+            save_checkpoint(os.path.join(run.out, "deployed.pt"), payload, what="deployed network")
     except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is the last completed epoch, consistent as is
         if saved:
             print(f"interrupted in epoch {saved + 1}; the checkpoint of epoch {saved} is kept in {run.out!r}; "
@@ -1059,7 +1158,8 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
     last = history[-1]
     models = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
     final = {**_meta(run), "epochs": args.epochs, "seed": args.seed, "device": _device_name(run.device),
-             "deployed": deployed, "test_acc": models[deployed], "best_test_acc": best["acc"],
+             "deployed": deployed, **({"deployed_arch": net.arch} if deployed_net else {}),
+             "test_acc": models[deployed], "best_test_acc": best["acc"],
              "best_epoch": best["epoch"], "models": models, "train_loss": last["loss"],
              "train_time_s": train_time, "images_per_s": images / max(train_time, 1e-9),
              "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
@@ -1091,8 +1191,15 @@ def _meta(run):
     return {"method": run.method, "arch": run.args.arch, "dataset": run.args.dataset, "num_classes": run.num_classes}
 
 
+def _device_rng(device):
+    """The RNG state of the run's own device (CUDA: this GPU only; MPS), None on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.mps.get_rng_state() if device.type == "mps" else None
+
+
 def _device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 
 def _load_checkpoint(run, path, model, optimizers, gen):
@@ -1125,6 +1232,8 @@ def _load_checkpoint(run, path, model, optimizers, gen):
         rng = ck.get("device_rng") if "device" in ck else (ck.get("cuda_rng") or [None])[0]
         if rng is not None and run.device.type == "cuda":
             torch.cuda.set_rng_state(rng, run.device)
+        elif rng is not None and run.device.type == "mps":
+            torch.mps.set_rng_state(rng)
     else:  # a CUDA generator's state cannot be set on a CPU one (nor the reverse): continue, say so
         gen.manual_seed(run.args.seed + 1_000_003 * ck["epoch"])
         print(f"warning: --resume: {path!r} was written on {saved}, this run is on "

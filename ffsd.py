@@ -371,6 +371,11 @@ def evaluate(model, x):
     # ===== END ALGO =====
 
 
+def deployed_net(model, args):
+    """The deployed model as a plain backbone (written to deployed.pt): the leader."""
+    return model.leader
+
+
 # ===== 7. Main =====
 def main(args):
     run = common.setup(args, method="ffsd")
@@ -378,7 +383,8 @@ def main(args):
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="leader",
                       averages={"student_avg": [f"student{k + 1}" for k in range(args.num_students)]},
-                      show=["kd/student2", "kd/leader", "fmap/leader"])
+                      show=["kd/student2", "kd/leader", "fmap/leader"],
+                      deployed_net=deployed_net)
 
 
 if __name__ == "__main__":

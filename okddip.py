@@ -171,6 +171,11 @@ def evaluate(model, x):
     # ===== END ALGO =====
 
 
+def deployed_net(model, args):
+    """The deployed model as a plain backbone (written to deployed.pt): trunk + leader."""
+    return model.net.single(model.m)
+
+
 # ===== 7. Main =====
 def main(args):
     run = common.setup(args, method="okddip")
@@ -178,7 +183,8 @@ def main(args):
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="leader",
                       averages={"peer_avg": [f"peer{a + 1}" for a in range(args.num_peers)]},
-                      show=["kd/peer1", "kd/leader", "w"])
+                      show=["kd/peer1", "kd/leader", "w"],
+                      deployed_net=deployed_net)
 
 
 if __name__ == "__main__":

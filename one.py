@@ -157,6 +157,11 @@ def evaluate(model, x):
     # ===== END ALGO =====
 
 
+def deployed_net(model, args):
+    """The deployed model as a plain backbone (written to deployed.pt): trunk + branch 1."""
+    return model.net.single(0)
+
+
 # ===== 7. Main =====
 def main(args):
     args = resolve(args)
@@ -165,7 +170,8 @@ def main(args):
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="branch1",
                       averages={"branch_avg": [f"branch{i + 1}" for i in range(args.num_branches)]},
-                      show=["ce/one_e", "kd/branch1", "w"])
+                      show=["ce/one_e", "kd/branch1", "w"],
+                      deployed_net=deployed_net)
 
 
 if __name__ == "__main__":

@@ -197,13 +197,19 @@ def evaluate(model, x):
     # ===== END ALGO =====
 
 
+def deployed_net(model, args):
+    """The deployed model as a plain backbone (written to deployed.pt): mean trunk + peer 1."""
+    return model.mean.peers.single(0)
+
+
 # ===== 7. Main =====
 def main(args):
     run = common.setup(args, method="pcl")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
-    return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1", views=args.num_peers,
-                      show=["ce/ens", "kd/ens", "kd/mean"])
+    return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1",
+                      views=args.num_peers, show=["ce/ens", "kd/ens", "kd/mean"],
+                      deployed_net=deployed_net)
 
 
 if __name__ == "__main__":

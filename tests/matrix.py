@@ -7,7 +7,8 @@ train_step(model, optimizers, x, y, 0, 0, run) on a batch of 2 CPU images, then 
   - every trainable parameter (requires_grad) got a finite gradient, except the names a method lists in
     NO_GRAD below with the reason;
   - every trainable parameter is in exactly one optimiser, and every optimiser stepped;
-  - evaluate(model, x) in eval mode gives finite (2, 10) logits for every model it names.
+  - evaluate(model, x) in eval mode gives finite (2, 10) logits for every model it names;
+  - deployed_net(model, args) loads strictly into build_backbone(arch, 10), computing one of those.
 The method list is fixed; a method file that is absent is reported as a skipped test with its name (never a
 silent pass), so after the merge every method is covered without editing this file.
 """
@@ -102,6 +103,15 @@ class MatrixChecks:
         for model_name, logits in outs.items():
             self.assertEqual(tuple(logits.shape), (2, 10), model_name)
             self.assertTrue(torch.isfinite(logits).all(), model_name)
+
+        # deployed.pt's network: the plain backbone (built on the meta device: no init cost) takes
+        # its state_dict strictly, and alone computes exactly one of the models the method scores.
+        with torch.device("meta"):
+            plain = common.build_backbone(arch, 10)
+        plain.load_state_dict(mod.deployed_net(model, args).state_dict(), strict=True, assign=True)
+        with torch.no_grad():
+            z = plain.eval()(x)
+        self.assertTrue([k for k, v in outs.items() if torch.equal(z, v)], "deployed: no model")
 
     # One test per method (explicit, so a missing method shows up by name as a skip).
     def test_baseline(self):

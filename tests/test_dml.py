@@ -149,5 +149,60 @@ class TestDMLRun(unittest.TestCase):
         self.assertEqual((res["models"], res["train_loss"]), (again["models"], again["train_loss"]))
 
 
+class TestDMLMixedPeers(unittest.TestCase):
+    """--arch resnet8,wrn16_2: one backbone per peer (the DML paper's mixed pairs). The routing
+    tests above hold with peers of different architectures."""
+    ARCH = "resnet8,wrn16_2"
+
+    def test_one_backbone_per_peer_named_by_it(self):
+        model = dml.build_model(dml.Args(arch=self.ARCH), 10)
+        self.assertEqual([net.arch for net in model], ["resnet8", "wrn16_2"])
+        self.assertEqual([common.num_params(net) for net in model],
+                         [common.num_params(common.resnet8(10)), 692_810])
+        self.assertEqual(dml.peer_names(model), ["peer1_resnet8", "peer2_wrn16_2"])
+        self.assertEqual(dml.peer_names(dml.build_model(dml.Args(arch="resnet8", num_peers=3), 10)),
+                         ["peer1", "peer2", "peer3"])  # one backbone: the names of before
+
+    def test_the_list_sets_K_and_a_conflicting_num_peers_is_an_error(self):
+        three = "resnet8,resnet20,wrn16_2"
+        self.assertEqual(dml.resolve(dml.Args(arch=three)).num_peers, 3)
+        self.assertEqual(dml.resolve(dml.Args(arch=three, num_peers=3)).num_peers, 3)
+        self.assertEqual(dml.resolve(dml.Args(arch="resnet8", num_peers=4)).num_peers, 4)
+        with self.assertRaises(SystemExit) as cm:
+            dml.resolve(dml.Args(arch="resnet8,resnet20", num_peers=3))
+        self.assertEqual(str(cm.exception.code),
+                         "error: --arch 'resnet8,resnet20' names 2 peers but --num-peers is 3; "
+                         "leave --num-peers out or make them agree")
+
+    def test_loss_of_network_1_reaches_no_other_network(self):
+        model = dml.build_model(dml.Args(arch=self.ARCH), 10)
+        x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+        z = torch.stack([net(x) for net in model])  # (K, B, C), as in train_step
+        l1 = F.cross_entropy(z[0], y) + common.kd_loss(z[0], z[1].detach(), 1.0)  # L_1 alone
+        l1.backward()
+        self.assertTrue(all(p.grad is None or not p.grad.any() for p in model[1].parameters()))
+        self.assertTrue(all(p.grad is not None and p.grad.any() for p in model[0].parameters()))
+
+    def test_joint_step_equals_per_network_steps(self):
+        """The KD targets are detached: one SGD step on L = sum_k L_k moves each network exactly as
+        a step on its own L_k (pre-update peer logits) would, whatever the peers' backbones."""
+        args = tiny(dml.Args, self, arch=self.ARCH)
+        run = fake_run(args, n=8)
+        model = dml.build_model(args, 10)
+        copy = dml.build_model(args, 10)
+        copy.load_state_dict(model.state_dict())
+        x, y = run.data.train_x[:8].float() / 255, run.data.train_y[:8]
+        dml.train_step(model, dml.build_optimizers(model, args), x, y, 0, 0, run)
+        z = [net(x) for net in copy]
+        for k in range(2):
+            opt = common.sgd(copy[k].parameters(), args)
+            lk = F.cross_entropy(z[k], y) + common.kd_loss(z[k], z[1 - k].detach(), 1.0)
+            opt.zero_grad()
+            lk.backward()
+            opt.step()
+        for p, q in zip(model.parameters(), copy.parameters()):
+            self.assertTrue(torch.allclose(p, q, atol=1e-6))
+
+
 if __name__ == "__main__":
     unittest.main()

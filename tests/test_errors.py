@@ -34,6 +34,7 @@ def write_folder(root, size=32, classes=("cat", "dog"), extra=None):
     return root
 
 
+@unittest.skipUnless(hasattr(os, "fork"), "one process per case needs os.fork (Linux, macOS, WSL)")
 class BadInput(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -80,7 +81,18 @@ class BadInput(unittest.TestCase):
             "folder_test_classes": (["baseline.py", *folder("classes")], ["class folders", "['bird', 'cat']", "['cat', 'dog']"]),
             "out_under_file": (["baseline.py", *fake, "--out", os.path.join(d, "a_file", "run")], ["cannot write to --out", os.path.join(d, "a_file", "run")]),
             "cuda_without_gpu": (["baseline.py", *fake, "--device", "cuda"], ["--device cuda but no CUDA GPU is visible", "auto, cpu, cuda"]),
+            "dml_arch_list_unknown": (["dml.py", *fake, "--arch", "resnet8,resnet9"],
+                                      ["unknown --arch 'resnet9'", ARCHS.replace("'", "")]),
+            "dml_arch_list_num_peers": (
+                ["dml.py", *fake, "--arch", "resnet8,resnet20", "--num-peers", "3"],
+                ["--arch 'resnet8,resnet20' names 2 peers but --num-peers is 3"]),
+            "arch_list_not_dml": (["baseline.py", *fake, "--arch", "resnet8,resnet20"],
+                                  ["--arch", "'resnet8,resnet20'"]),
         }
+        if not torch.backends.mps.is_available():  # (on a Mac with Apple silicon it is valid)
+            cls.cases["mps_unavailable"] = (
+                ["baseline.py", *fake, "--device", "mps"],
+                ["--device mps but Apple's MPS backend is not available", "auto, cpu, cuda, mps"])
         # The GPU case must fail even on a machine with a GPU: hide the GPUs from every case.
         cls.results = _run_cases({name: argv for name, (argv, _) in cls.cases.items()},
                                  env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
@@ -101,6 +113,10 @@ class BadInput(unittest.TestCase):
                 self.assertIn("error: ", lines[0])
                 for needle in needles:
                     self.assertIn(needle, lines[0])
+
+    def test_bad_data_or_arguments_leave_no_run_folder(self):
+        # --out is created only when training starts: no case above (bad data too) leaves a folder.
+        self.assertEqual([n for n in os.listdir(self._dir.name) if n.startswith("out-")], [])
 
     def test_a_good_command_passes_the_same_path(self):
         # The harness itself must not produce errors: a valid 1-epoch run exits 0 with nothing on stderr.

@@ -132,6 +132,7 @@ class Interruption(unittest.TestCase):
         self.assertEqual(torch.load(path)["epoch"], 1)
         self.assertEqual(os.listdir(os.path.dirname(path)), ["checkpoint.pt"])
 
+    @unittest.skipIf(os.name == "nt", "sends SIGINT to a child process (POSIX)")
     def test_sigint_exits_130_with_one_resume_line_and_the_command_works(self):
         out = os.path.join(tmpdir(self), "run")
         argv = ["baseline.py", "--arch", "resnet8", "--dataset", "fake", "--subset", "96", "--test-subset", "50",
@@ -335,6 +336,47 @@ class NumericalFaults(unittest.TestCase):
         self.assertRegex(msg, r"^error: non-finite loss \('loss', 'ce'\) at epoch 2, step [123] of 3; stopped, "
                               r"the checkpoint of epoch 1 is kept in ")
         self.assertEqual(checkpoint(args.out)["epoch"], 1)
+
+
+class BeforeTraining(unittest.TestCase):
+    """Ctrl-C or bad data before the first epoch: one line, and no half-made run folder (--out is
+    created only when training starts)."""
+    # A real process whose data loading is made slow (the signal lands there); it says when it is.
+    DRIVER = ("import sys, time, common, baseline\n"
+              "def slow(*a, **kw):\n"
+              "    print('loading', flush=True)\n"
+              "    time.sleep(120)\n"
+              "common.load_data = slow\n"
+              "baseline.main(common.parse_args(baseline.Args, sys.argv[1:]))\n")
+
+    @unittest.skipIf(os.name == "nt", "sends SIGINT to a child process (POSIX)")
+    def test_sigint_while_the_data_loads_is_one_line_and_writes_nothing(self):
+        out = os.path.join(tmpdir(self), "run")
+        argv = ["--arch", "resnet8", "--dataset", "fake", "--device", "cpu", "--out", out]
+        p = subprocess.Popen([sys.executable, "-c", self.DRIVER, *argv], cwd=ROOT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.assertEqual(p.stdout.readline(), "loading\n")
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=120)
+        self.assertEqual(p.returncode, 130, err)
+        self.assertEqual(err, f"interrupted while loading the data; nothing was written to "
+                              f"{out!r}\n")
+        self.assertFalse(os.path.exists(out))
+
+    def test_a_data_error_leaves_no_run_folder(self):
+        out = os.path.join(tmpdir(self), "run")
+        args = baseline.Args(arch="resnet8", dataset="folder", device="cpu", out=out,
+                             data_dir=os.path.join(tmpdir(self), "none"))
+        self.assertIn("has no train/ folder", error_line(self, baseline.main, args))
+        self.assertFalse(os.path.exists(out))
+        # a resumed run's folder is left exactly as it was
+        os.makedirs(out)
+        torch.save({"epoch": 1}, os.path.join(out, "checkpoint.pt"))
+        error_line(self, baseline.main, dataclasses.replace(args, resume=True))
+        self.assertEqual(os.listdir(out), ["checkpoint.pt"])
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -1,0 +1,214 @@
+"""Draw the learning curves of the recorded results grids, from the per-epoch log kept with each run
+(results/<grid>/<run>.metrics.jsonl, written by tools/reproduce.py):
+
+    docs/img/<grid>-acc.png     test accuracy of each method's deployed model per epoch, mean
+                                over seeds, light band = min-max over seeds; baseline dashed black
+    docs/img/<grid>-losses.png  one panel per method: each logged loss term per epoch (mean over
+                                seeds, log scale), and the ramp-up weight w(e) where one is logged
+
+    python tools/plot.py                # every grid in results/ with per-epoch logs (make plot)
+    python tools/plot.py --grids tiny --out docs/img
+
+Needs matplotlib, an optional extra used by nothing else here: pip install -r requirements-plot.txt.
+Reading and averaging the logs (load_curves, band) does not need it.
+"""
+import argparse
+import json
+import math
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ORDER = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]
+NOT_LOSSES = {"epoch", "lr", "sec", "images", "images_per_s", "w"}  # logged, but not loss terms
+
+
+def fail(msg):
+    raise SystemExit(f"error: {msg}")
+
+
+def load_curves(results_dir, grids=None):
+    """{grid: {label: {'method', 'arch', 'data', 'deployed', 'seeds': [...], 'rows': [[epoch rows]
+    per seed], 'synthetic'}}} for every recorded run that has a per-epoch log. label = the method,
+    plus arch / data / epochs where a grid holds several."""
+    out = {}
+    names = sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []
+    for grid in names:
+        d = os.path.join(results_dir, grid)
+        if not os.path.isdir(d) or (grids and grid not in grids):
+            continue
+        groups = {}
+        for name in sorted(os.listdir(d)):
+            log = os.path.join(d, name[:-len(".json")] + ".metrics.jsonl")
+            if not name.endswith(".json") or not os.path.isfile(log):
+                continue
+            with open(os.path.join(d, name)) as f:
+                r = json.load(f)
+            with open(log) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            key = (r["method"], r["arch"], r["data"], r["epochs"])
+            g = groups.setdefault(key, dict(method=r["method"], arch=r["arch"], data=r["data"],
+                                             seeds=[], rows=[], deployed=r["deployed"],
+                                             synthetic=r.get("synthetic", False)))
+            g["seeds"].append(r["seed"])
+            g["rows"].append(rows)
+        if not groups:
+            continue
+        several = {k: len({key[i] for key in groups}) > 1
+                   for i, k in ((1, "arch"), (2, "data"), (3, "epochs"))}
+        labelled = {}
+        for key in sorted(groups, key=lambda k: (ORDER.index(k[0]) if k[0] in ORDER else 99, k)):
+            extra = [str(v) for v, k in zip(key[1:], ("arch", "data", "epochs")) if several[k]]
+            labelled[" ".join([key[0], *extra])] = groups[key]
+        out[grid] = labelled
+    return out
+
+
+def band(runs, column):
+    """Per epoch over the seeds that logged `column`: (epochs, mean, min, max)."""
+    by_epoch = {}
+    for rows in runs:
+        for row in rows:
+            if column in row and row[column] is not None and math.isfinite(row[column]):
+                by_epoch.setdefault(row["epoch"], []).append(row[column])
+    epochs = sorted(by_epoch)
+    vals = [by_epoch[e] for e in epochs]
+    return epochs, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+
+
+def loss_terms(runs):
+    """The loss terms a method logs, in logging order ('loss' = the total first)."""
+    terms = []
+    for rows in runs:
+        for row in rows:
+            for k in row:
+                if k not in NOT_LOSSES and not k.startswith("acc/") and k not in terms:
+                    terms.append(k)
+    return terms
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        fail("plotting needs matplotlib, an optional extra: pip install -r requirements-plot.txt "
+             "(or pip install matplotlib)")
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _axes_style(ax):
+    """Whole epochs on x; plain numbers (no 10^x labels) on a log y axis."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.get_yscale() == "log":
+        lo, hi = ax.get_ylim()  # ticks at 1, 2, 5 x 10^k over a short range, 10^k over a long one
+        subs = (1.0, 2.0, 5.0) if hi / lo < 1000 else (1.0,)
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=subs, numticks=12))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, path):
+    tmp = path + ".tmp"
+    # no version stamp in the file: the same logs give the same bytes
+    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def _subtitle(groups):
+    g = next(iter(groups.values()))
+    seeds = sorted({len(x["seeds"]) for x in groups.values()})
+    data = g["data"]
+    if g["synthetic"]:
+        data = "synthetic data (a pipeline check, not a method comparison)"
+    return f"{g['arch']}, {data}, {'/'.join(map(str, seeds))} seed(s)"
+
+
+def plot_accuracy(plt, grid, groups, path):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, g in groups.items():
+        epochs, mean, lo, hi = band(g["rows"], f"acc/{g['deployed']}")
+        base = g["method"] == "baseline"
+        line, = ax.plot(epochs, mean, "--" if base else "-", color="black" if base else None,
+                        lw=2 if base else 1.5, marker="o" if len(epochs) <= 20 else None, ms=3,
+                        label=f"{label} ({g['deployed']})")
+        if len(g["rows"]) > 1:
+            ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test top-1 % of the deployed model")
+    ax.set_title(f"grid {grid}: {_subtitle(groups)}\nmean over seeds, band = min-max", fontsize=9)
+    _axes_style(ax)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_losses(plt, grid, groups, path):
+    n = len(groups)
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    for ax, (label, g) in zip(axes.flat, groups.items()):
+        for term in loss_terms(g["rows"]):
+            epochs, mean, _, _ = band(g["rows"], term)
+            if any(v > 0 for v in mean):
+                total = term == "loss"
+                ax.plot(epochs, mean, lw=2 if total else 1, color="black" if total else None,
+                        label=term)
+        ax.set_yscale("log")
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        _axes_style(ax)
+        top, epochs, w, _, _ = ax, *band(g["rows"], "w")
+        if epochs:  # the ramp-up weight, on its own axis (drawn above: it holds the legend)
+            top = ax.twinx()
+            top.plot(epochs, w, ":", color="grey", label="w(e), right axis")
+            top.set_ylim(0, 1.05)
+            top.tick_params(labelsize=7)
+        handles = ax.get_lines() + (top.get_lines() if top is not ax else [])
+        top.legend(handles=handles, fontsize=6, ncol=2 if len(handles) > 6 else 1, loc="best",
+                   framealpha=0.7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.suptitle(f"grid {grid}: loss terms per epoch (mean over seeds, log scale); "
+                 f"{_subtitle(groups)}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--results", default=os.path.join(ROOT, "results"), help="the recorded grids")
+    p.add_argument("--out", default=os.path.join(ROOT, "docs", "img"),
+                   help="where the PNG files go")
+    p.add_argument("--grids", default="",
+                   help="comma-separated grids (default: every one with per-epoch logs)")
+    opts = p.parse_args(argv)
+    wanted = [g for g in opts.grids.split(",") if g]
+    curves = load_curves(opts.results, wanted or None)
+    missing = [g for g in wanted if g not in curves]
+    if missing or not curves:
+        fail(f"no per-epoch logs (<run>.metrics.jsonl) for grid(s) {', '.join(missing) or 'any'} "
+             f"in {opts.results!r}; `python tools/reproduce.py run <grid>` records them")
+    plt = _pyplot()
+    os.makedirs(opts.out, exist_ok=True)
+    written = []
+    for grid, groups in curves.items():
+        for kind, draw in (("acc", plot_accuracy), ("losses", plot_losses)):
+            path = os.path.join(opts.out, f"{grid}-{kind}.png")
+            draw(plt, grid, groups, path)
+            written.append(path)
+        n = sum(len(g["seeds"]) for g in groups.values())
+        print(f"grid {grid}: {len(groups)} method(s), {n} runs -> {grid}-acc.png, "
+              f"{grid}-losses.png in {opts.out}", flush=True)
+    return written
+
+
+if __name__ == "__main__":
+    main()
