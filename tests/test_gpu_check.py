@@ -295,8 +295,8 @@ def namespace(d, **kw):
 class TestParts(unittest.TestCase):
     def test_step_flags_are_discovered_from_the_args(self):
         @dataclasses.dataclass
-        class Plain(common.TrainArgs):
-            pass
+        class Plain:  # no step-compiling flag at all (common.TrainArgs itself has --compile)
+            lr: float = arg(0.1, "learning rate")
 
         @dataclasses.dataclass
         class Opt(common.TrainArgs):
@@ -311,6 +311,7 @@ class TestParts(unittest.TestCase):
             compile: str = arg("none", "mode", choices=["none", "default", "reduce-overhead"])
 
         self.assertEqual(gpu_check.step_variants(Plain), ([], []))
+        self.assertEqual(gpu_check.step_variants(common.TrainArgs), ([], [("compile", ["--compile"])]))
         self.assertEqual(gpu_check.step_variants(Opt), ([], [("compile", ["--compile"])]))
         self.assertEqual(gpu_check.step_variants(On),
                          (["--no-compile"], [("compile", ["--compile"])]))
