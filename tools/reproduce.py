@@ -537,7 +537,7 @@ def main(argv=None):
                         "download folder for table1 (default data); env OKD_DATA_DIR")
     p.add_argument("--results", default=os.path.join(ROOT, "results"), help="where the per-run JSONs go")
     p.add_argument("--runs", default=os.path.join(ROOT, "runs"), help="where run folders (checkpoints) go")
-    p.add_argument("--device", default="", help="pass --device to every run (auto, cpu, cuda); tiny is always cpu")
+    p.add_argument("--device", default="", help="pass --device to every run (auto, cpu, cuda, mps); tiny and lab are always cpu")
     p.add_argument("--methods", default="", help="comma-separated subset of the grid's method scripts")
     p.add_argument("--seeds", default="", help="comma-separated seeds instead of the grid's")
     p.add_argument("--epochs", type=int, default=0, help="override the grid's epochs (0 = the grid's)")
