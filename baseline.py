@@ -1,12 +1,13 @@
 """Baseline: one network trained alone with cross-entropy.
 
-The reference point of every table (the "Baseline" column of PCL Tables 1-2 and FFSD Table I) and the diff
-base of this repository: every method file has this file's sections, names and boilerplate, so that
-`diff baseline.py <method>.py` shows the method and little else.
+The reference point of every table (the "Baseline" column of PCL Tables 1-2 and FFSD Table I) and the
+diff base of this repository: every method file has this file's sections, names, boilerplate and
+imports (torch, nn, arg: unused here), so `diff baseline.py <method>.py` shows the method and little else.
 
 Objective:  L = CE(z, y),  z = f(x) the logits of the single network.
 
-Differences from baseline.py: none (this is the base).
+Differences from baseline.py:
+    none (this is the base).
 
 Run:
     python baseline.py --arch resnet32 --dataset cifar10                      # shared recipe, GPU
@@ -16,10 +17,12 @@ Published (error %, PCL Tables 1-2, ResNet-32): 6.74 +- 0.15 (CIFAR-10), 28.72 +
 # ===== 1. Imports =====
 from dataclasses import dataclass
 
+import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import arg  # noqa: F401  (every method file declares its fields with arg)
+from common import arg
 
 
 # ===== 2. Args =====
@@ -71,8 +74,8 @@ def evaluate(model, x):
 
 
 def deployed_net(model, args):
-    """The deployed model as a plain backbone (written to deployed.pt): the one network."""
-    return model
+    """The deployed model as a plain backbone (written to deployed.pt)."""
+    return model  # the one network
 
 
 # ===== 7. Main =====

@@ -67,7 +67,8 @@ class TrainArgs:
     arch: str = arg("resnet32", "backbone", choices=lambda: list(BACKBONES))  # looked up when parsing
     dataset: str = arg("cifar10", "data set; 'folder' reads --data-dir/{train,test}/<class>/*",
                        choices=lambda: DATASETS)
-    data_dir: str = arg("./data", "where torchvision downloads CIFAR, or the image folder for --dataset folder")
+    data_dir: str = arg("./data", "where torchvision downloads CIFAR, or the image folder for "
+                                  "--dataset folder")
     subset: int = arg(0, "use a class-balanced first N training images (0 = all)")
     test_subset: int = arg(0, "use a class-balanced first N test images (0 = all)")
     epochs: int = arg(300, "training epochs")
@@ -78,7 +79,8 @@ class TrainArgs:
     momentum: float = arg(0.9, "SGD momentum")
     nesterov: bool = arg(True, "Nesterov momentum")
     weight_decay: float = arg(5e-4, "SGD weight decay (L2, coupled)")
-    pad_mode: str = arg("zero", "random-crop padding (4 pixels): zero (black) or reflect", choices=["zero", "reflect"])
+    pad_mode: str = arg("zero", "random-crop padding (4 pixels): zero (black) or reflect",
+                        choices=["zero", "reflect"])
     seed: int = arg(0, "random seed (initialisation, batch order, augmentation)")
     device: str = arg("auto", "auto = cuda if available, else mps (Apple silicon), else cpu",
                       choices=["auto", "cpu", "cuda", "mps"])
@@ -92,8 +94,8 @@ class TrainArgs:
     eval_batch_size: int = arg(1000, "test-time batch size")
     out: str = arg("", "output directory (default runs/<method>-<arch>-<dataset>-seed<seed>)")
     resume: bool = arg(False, "continue from the checkpoint in --out")
-    stop_after: int = arg(0, "stop after N epochs of this invocation, checkpoint kept, to continue later with "
-                             "--resume (0 = run to --epochs)")
+    stop_after: int = arg(0, "stop after N epochs of this invocation, checkpoint kept, to continue "
+                             "later with --resume (0 = run to --epochs)")
     log_every: int = arg(0, "also print a line every N steps (0 = one row per epoch)")
     # Section 6 (beyond CIFAR): image size, streamed folders, LR warm-up and recipe, torchrun.
     image_size: int = arg(0, "image side in pixels, a multiple of 32: 0 = the data's own (32 "
@@ -125,7 +127,8 @@ def parse_args(cls, argv=None):
     for f in dataclasses.fields(cls):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         if isinstance(f.default, bool):
-            parser.add_argument(flag, default=f.default, help=meta["help"], action=argparse.BooleanOptionalAction)
+            parser.add_argument(flag, default=f.default, help=meta["help"],
+                                action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(flag, default=f.default, help=meta["help"], type=type(f.default),
                                 choices=choices(f))
@@ -186,7 +189,8 @@ class Net(nn.Module):
 
 
 def _conv_bn(cin, cout, k, stride=1, groups=1, bias=False):
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=bias), nn.BatchNorm2d(cout))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=bias),
+                         nn.BatchNorm2d(cout))
 
 
 def _conv_bn_relu(cin, cout, k, stride=1, bias=False):
@@ -195,7 +199,8 @@ def _conv_bn_relu(cin, cout, k, stride=1, bias=False):
 
 def _bn_relu_conv(cin, cout, k, stride=1, bias=False):
     """Pre-activation unit (WRN, DenseNet): BN-ReLU-conv."""
-    return nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True), nn.Conv2d(cin, cout, k, stride, k // 2, bias=bias))
+    return nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=True),
+                         nn.Conv2d(cin, cout, k, stride, k // 2, bias=bias))
 
 
 def _avg_pool():
@@ -203,12 +208,14 @@ def _avg_pool():
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU. Shortcut = conv1x1+BN when the shape changes (option B)."""
+    """conv3x3-BN-ReLU-conv3x3-BN + shortcut, ReLU. Shortcut = conv1x1+BN when the shape changes
+    (option B)."""
     expansion = 1
 
     def __init__(self, cin, planes, stride):
         super().__init__()
-        self.body = nn.Sequential(_conv_bn(cin, planes, 3, stride), nn.ReLU(inplace=True), _conv_bn(planes, planes, 3))
+        self.body = nn.Sequential(_conv_bn(cin, planes, 3, stride), nn.ReLU(inplace=True),
+                                  _conv_bn(planes, planes, 3))
         self.shortcut = _conv_bn(cin, planes, 1, stride) if stride != 1 or cin != planes else nn.Identity()
 
     def forward(self, x):
@@ -254,13 +261,15 @@ def cifar_resnet(block, blocks_per_stage, num_classes, planes=(16, 32, 64), stem
             cin = p * block.expansion
         stages.append(nn.Sequential(*layers))
     widths = [p * block.expansion for p in planes]
-    return init_weights(Net(nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU(inplace=True)),
-                     stages, _avg_pool(), nn.Linear(widths[-1], num_classes),
-                     widths, split=len(stages) - 1))
+    return init_weights(Net(nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem),
+                                          nn.ReLU(inplace=True)),
+                            stages, _avg_pool(), nn.Linear(widths[-1], num_classes),
+                            widths, split=len(stages) - 1))
 
 
 def resnet8(num_classes):
-    """Tiny basic-block ResNet (1 block/stage, 78k params): for tests and CPU demos only; in no paper table."""
+    """Tiny basic-block ResNet (1 block/stage, 78k params): for tests and CPU demos only; in no paper
+    table."""
     return cifar_resnet(BasicBlock, 1, num_classes)
 
 
@@ -293,7 +302,8 @@ def resnet110_basic(num_classes):
 
 def resnet164(num_classes):
     """Official ONE's "ResNet-110" (its bearpaw-style ResNet switches to bottlenecks at depth >= 44): 18
-    BOTTLENECK blocks per stage, 164 layers, 1,704,154 / 1,727,284 params. Use it to compare with the ONE paper."""
+    BOTTLENECK blocks per stage, 164 layers, 1,704,154 / 1,727,284 params. Use it to compare with the
+    ONE paper."""
     return cifar_resnet(Bottleneck, 18, num_classes)
 
 
@@ -319,8 +329,10 @@ class PreActBlock(nn.Module):
 
     def __init__(self, cin, cout, stride):
         super().__init__()
-        self.body = nn.Sequential(_bn_relu_conv(cin, cout, 3, bias=True), _bn_relu_conv(cout, cout, 3, stride, bias=True))
-        self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=True) if stride != 1 or cin != cout else nn.Identity()
+        self.body = nn.Sequential(_bn_relu_conv(cin, cout, 3, bias=True),
+                                  _bn_relu_conv(cout, cout, 3, stride, bias=True))
+        self.shortcut = (nn.Conv2d(cin, cout, 1, stride, bias=True) if stride != 1 or cin != cout
+                         else nn.Identity())
 
     def forward(self, x):
         return self.body(x) + self.shortcut(x)
@@ -334,15 +346,17 @@ def wide_resnet(depth, k, num_classes):
     NOTE(deviation): FFSD's final BN uses momentum=0.9 (running stats follow the latest batch); here 0.1."""
     n, stages, cin = (depth - 4) // 6, [], 16
     for i, w in enumerate((16 * k, 32 * k, 64 * k)):
-        stages.append(nn.Sequential(*(PreActBlock(cin if b == 0 else w, w, 2 if i > 0 and b == 0 else 1) for b in range(n))))
+        stages.append(nn.Sequential(*(PreActBlock(cin if b == 0 else w, w, 2 if i > 0 and b == 0 else 1)
+                                      for b in range(n))))
         cin = w
     stages[-1].extend([nn.BatchNorm2d(cin), nn.ReLU(inplace=True)])
-    return init_weights(Net(nn.Conv2d(3, 16, 3, 1, 1, bias=True), stages, _avg_pool(), nn.Linear(cin, num_classes),
-                     [16 * k, 32 * k, 64 * k], split=2))
+    return init_weights(Net(nn.Conv2d(3, 16, 3, 1, 1, bias=True), stages, _avg_pool(),
+                            nn.Linear(cin, num_classes), [16 * k, 32 * k, 64 * k], split=2))
 
 
 def wrn16_2(num_classes):
-    """WRN-16-2 (FFSD tables): 2 blocks per stage, widths 32/64/128. 692,810 / 704,420 params (bias-free: 691,674 / 703,284)."""
+    """WRN-16-2 (FFSD tables): 2 blocks per stage, widths 32/64/128. 692,810 / 704,420 params
+    (bias-free: 691,674 / 703,284)."""
     return wide_resnet(16, 2, num_classes)
 
 
@@ -357,21 +371,22 @@ def vgg16(num_classes, dropout=0.5):
     Dropout-Linear(512, 512)-ReLU-Dropout-Linear(512, C). 15,253,578 / 15,299,748 params.
     Parts: stem = conv stages 1-2; stages = conv stages 3, 4, 5, each OPENED by the previous max-pool (the
     last max-pool is in `pool`), so every backbone exposes three stages whose maps halve (256x8x8, 512x4x4,
-    512x2x2) and none is 1x1. The shared trunk (stem + stages 1-2) is conv stages 1-4, as in OKDDip's official
-    vgg_GL.py (same parameters, same function); it hands over 512x4x4, i.e. before its parameter-free max-pool,
-    which opens each branch.
+    512x2x2) and none is 1x1. The shared trunk (stem + stages 1-2) is conv stages 1-4, as in OKDDip's
+    official vgg_GL.py (same parameters, same function); it hands over 512x4x4, i.e. before its
+    parameter-free max-pool, which opens each branch.
     Dropout 0.5 = OKDDip's multi-branch VGG (its single-network vgg.py and the PCL re-implementation use 0.0).
     Init: Kaiming fan-out convs, BN 1/0, Linear N(0, 0.01), all biases 0 (OKDDip)."""
     def convs(cin, cout, n):  # n x (conv3x3 + BN + ReLU)
         return [_conv_bn_relu(cin if i == 0 else cout, cout, 3, bias=True) for i in range(n)]
     stem = nn.Sequential(*convs(3, 64, 2), nn.MaxPool2d(2), *convs(64, 128, 2))  # (B, 128, 16, 16)
-    stages = [nn.Sequential(nn.MaxPool2d(2), *convs(cin, cout, 3)) for cin, cout in ((128, 256), (256, 512), (512, 512))]
+    stages = [nn.Sequential(nn.MaxPool2d(2), *convs(cin, cout, 3))
+              for cin, cout in ((128, 256), (256, 512), (512, 512))]
     head = nn.Sequential(nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
-                         nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(512, num_classes))
+                         nn.Linear(512, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
+                         nn.Linear(512, num_classes))
     # The last max-pool is adaptive: 2x2 -> 1x1 at 32 px (as MaxPool2d(2)), any size -> 1x1 above.
     pool = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten())
-    net = init_weights(Net(stem, stages, pool, head, [256, 512, 512], split=2,
-                    feature_dim=512))
+    net = init_weights(Net(stem, stages, pool, head, [256, 512, 512], split=2, feature_dim=512))
     for m in net.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, 0, 0.01)
@@ -381,7 +396,8 @@ def vgg16(num_classes, dropout=0.5):
 
 
 class DenseLayer(nn.Module):
-    """x -> cat(x, g(x)) with k new channels; g = BN-ReLU-conv3x3 (plain), or BN-ReLU-conv1x1 to 4k-BN-ReLU-conv3x3 (BC)."""
+    """x -> cat(x, g(x)) with k new channels; g = BN-ReLU-conv3x3 (plain), or BN-ReLU-conv1x1 to
+    4k-BN-ReLU-conv3x3 (BC)."""
 
     def __init__(self, cin, k, bottleneck):
         super().__init__()
@@ -400,7 +416,8 @@ def densenet(depth, k, num_classes, bc):
     densenet_GL.py); plain (FFSD) opens stages 2-3 with it, so stage outputs are the dense-block outputs FFSD
     taps (FFSD official code, models/densenet_cifar.py)."""
     n, c = (depth - 4) // (6 if bc else 3), 2 * k
-    stem, parts, outs = nn.Conv2d(3, c, 3, 1, 1, bias=False), [], []  # block, transition, block, transition, block
+    # parts: block, transition, block, transition, block
+    stem, parts, outs = nn.Conv2d(3, c, 3, 1, 1, bias=False), [], []
     for i in range(3):
         parts.append([DenseLayer(c + j * k, k, bc) for j in range(n)])
         c += n * k
@@ -412,7 +429,8 @@ def densenet(depth, k, num_classes, bc):
     parts[-1] += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
     groups = [[0, 1], [2, 3], [4]] if bc else [[0], [1, 2], [3, 4]]  # which parts make each stage
     stages = [nn.Sequential(*(m for p in g for m in parts[p])) for g in groups]
-    return init_weights(Net(stem, stages, _avg_pool(), nn.Linear(c, num_classes), [outs[g[-1]] for g in groups], split=2))
+    return init_weights(Net(stem, stages, _avg_pool(), nn.Linear(c, num_classes),
+                            [outs[g[-1]] for g in groups], split=2))
 
 
 def densenet40_12(num_classes):
@@ -451,7 +469,8 @@ def googlenet(num_classes):
     = Inception a3, b3 (480x32x32); stage 2 = max-pool 3/2 + a4..e4 (832x16x16); stage 3 = max-pool + a5, b5
     (1024x8x8): the stage outputs are FFSD's taps. Avg-pool; Linear(1024 -> C). 6,166,250 / 6,258,500 params.
     The multi-branch split after stage 2 is by analogy with the ResNets (no reference uses one)."""
-    cfg = [[(64, 96, 128, 16, 32, 32), (128, 128, 192, 32, 96, 64)],  # per Inception: n1, r3, n3, r5, n5, npool
+    # per Inception: n1, r3, n3, r5, n5, npool
+    cfg = [[(64, 96, 128, 16, 32, 32), (128, 128, 192, 32, 96, 64)],
            [(192, 96, 208, 16, 48, 64), (160, 112, 224, 24, 64, 64), (128, 128, 256, 24, 64, 64),
             (112, 144, 288, 32, 64, 64), (256, 160, 320, 32, 128, 128)],
            [(256, 160, 320, 32, 128, 128), (384, 192, 384, 48, 128, 128)]]
@@ -462,8 +481,8 @@ def googlenet(num_classes):
             layers.append(Inception(cin, *spec))
             cin = layers[-1].out_channels
         stages.append(nn.Sequential(*layers))
-    return init_weights(Net(_conv_bn_relu(3, 192, 3, bias=True), stages, _avg_pool(), nn.Linear(cin, num_classes),
-                     [s[-1].out_channels for s in stages], split=2))
+    return init_weights(Net(_conv_bn_relu(3, 192, 3, bias=True), stages, _avg_pool(),
+                            nn.Linear(cin, num_classes), [s[-1].out_channels for s in stages], split=2))
 
 
 def resnet18(num_classes):
@@ -476,9 +495,9 @@ def resnet34(num_classes):
     return imagenet_resnet(34, num_classes)
 
 
-BACKBONES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet56, resnet110, resnet110_basic, resnet164,
-                                      wrn16_2, wrn40_2, wrn20_8, vgg16, densenet40_12, densenet40_12_plain,
-                                      resnext29_2x64d, googlenet, resnet18, resnet34)}
+BACKBONES = {f.__name__: f for f in (resnet8, resnet20, resnet32, resnet56, resnet110, resnet110_basic,
+                                      resnet164, wrn16_2, wrn40_2, wrn20_8, vgg16, densenet40_12,
+                                      densenet40_12_plain, resnext29_2x64d, googlenet, resnet18, resnet34)}
 
 
 def build_backbone(arch, num_classes):
@@ -490,7 +509,8 @@ def build_backbone(arch, num_classes):
 
 
 def num_params(module):
-    """Trainable parameters (BN running buffers excluded), the count the tests pin and docs/backbones.md reports."""
+    """Trainable parameters (BN running buffers excluded), the count the tests pin and
+    docs/backbones.md reports."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
@@ -552,7 +572,8 @@ class MultiBranch(nn.Module):
 #    (random crop with 4-pixel padding + horizontal flip) runs batched on that device.
 # =====================================================================================================
 DATASETS = ["cifar10", "cifar100", "folder", "fake"]
-# Per-dataset normalisation used by the OKDDip/PCL lineage; folder and fake compute theirs from the train split.
+# Per-dataset normalisation used by the OKDDip/PCL lineage; folder and fake compute theirs from the
+# train split.
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
             "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}
 
@@ -574,9 +595,11 @@ def _cifar(args, train):
     try:
         ds = cls(args.data_dir, train=train, download=True)
     except Exception as e:  # no network, disk full, corrupt archive: say so in one line
-        fail(f"could not load {args.dataset} into {args.data_dir!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        fail(f"could not load {args.dataset} into {args.data_dir!r} "
+             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
              f"without internet use --dataset folder")
-    return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets), list(ds.classes)
+    return (torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets),
+            list(ds.classes))
 
 
 def list_folder(root, split, classes=None):
@@ -618,23 +641,27 @@ def _folder(root, split, classes=None, size=0):
 
 
 def make_fake(n, seed, num_classes=10):
-    """Deterministic synthetic 32x32 RGB set: each class has its own colour plus a smooth random pattern (a 4x4
-    grid upsampled), the same for every split; an image is its class template at a random brightness plus
-    pixel noise drawn from `seed`. A small CNN learns it in a few CPU epochs, and the class survives crop and
-    flip. Independent of --seed: the same data every run."""
+    """Deterministic synthetic 32x32 RGB set: each class has its own colour plus a smooth random pattern
+    (a 4x4 grid upsampled), the same for every split; an image is its class template at a random
+    brightness plus pixel noise drawn from `seed`. A small CNN learns it in a few CPU epochs, and the
+    class survives crop and flip. Independent of --seed: the same data every run."""
     g = torch.Generator().manual_seed(1234)
-    colour, grid = torch.rand(num_classes, 3, 1, 1, generator=g), torch.rand(num_classes, 3, 4, 4, generator=g)
-    templates = 0.6 * colour + 0.4 * F.interpolate(grid, size=32, mode="bilinear", align_corners=False)  # (C,3,32,32)
+    colour, grid = (torch.rand(num_classes, 3, 1, 1, generator=g),
+                    torch.rand(num_classes, 3, 4, 4, generator=g))
+    # class templates (C, 3, 32, 32): 60 % flat colour, 40 % the upsampled grid
+    templates = 0.6 * colour + 0.4 * F.interpolate(grid, size=32, mode="bilinear", align_corners=False)
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % num_classes
-    x = templates[y] * (0.8 + 0.2 * torch.rand(n, 1, 1, 1, generator=g)) + 0.1 * torch.randn(n, 3, 32, 32, generator=g)
+    x = (templates[y] * (0.8 + 0.2 * torch.rand(n, 1, 1, 1, generator=g))
+         + 0.1 * torch.randn(n, 3, 32, 32, generator=g))
     return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
 
 
 def balanced_first(y, n, num_classes):
     """Indices (in data order) of a class-balanced first n: the first n // C images of every class, and one
     more of each of the first n % C classes."""
-    idx = [torch.nonzero(y == c).flatten()[:n // num_classes + (c < n % num_classes)] for c in range(num_classes)]
+    idx = [torch.nonzero(y == c).flatten()[:n // num_classes + (c < n % num_classes)]
+           for c in range(num_classes)]
     return torch.sort(torch.cat(idx)).values
 
 
@@ -677,7 +704,8 @@ def load_data(args, device, test_only=False):
     else:
         f = (vx if test_only else tx).float() / 255
         mean, std = f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True)
-    return Data(tx.to(device), ty.to(device), vx.to(device), vy.to(device), mean.to(device), std.to(device), classes)
+    return Data(tx.to(device), ty.to(device), vx.to(device), vy.to(device), mean.to(device),
+                std.to(device), classes)
 
 
 def augment(x, data, gen, pad_mode="zero"):
@@ -694,7 +722,8 @@ def augment(x, data, gen, pad_mode="zero"):
     i, j = torch.arange(H, device=dev), torch.arange(W, device=dev)
     rows = oy[:, None] + i  # (B, H)
     cols = ox[:, None] + torch.where(flip[:, None], W - 1 - j, j)  # (B, W)
-    out = xp[torch.arange(B, device=dev)[:, None, None, None], torch.arange(3, device=dev)[None, :, None, None],
+    out = xp[torch.arange(B, device=dev)[:, None, None, None],
+             torch.arange(3, device=dev)[None, :, None, None],
              rows[:, None, :, None], cols[:, None, None, :]]  # (B, 3, H, W)
     return (out - data.mean) / data.std
 
@@ -748,8 +777,8 @@ def sgd(params, args, weight_decay=None):
     params = list(params)
     wd = args.weight_decay if weight_decay is None else weight_decay
     fused = bool(params) and all(p.is_cuda for p in params)  # BOILERPLATE: speed only, same update rule
-    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov, weight_decay=wd,
-                           fused=fused or None)
+    return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
+                           weight_decay=wd, fused=fused or None)
 
 
 def adam(params, lr, weight_decay):
@@ -857,7 +886,8 @@ class Run:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def autocast(self):
-        """bf16 autocast on CUDA (softmax, log_softmax, cross-entropy and KL still run in fp32); nothing on CPU."""
+        """bf16 autocast on CUDA (softmax, log_softmax, cross-entropy and KL still run in fp32);
+        nothing on CPU."""
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.amp else nullcontext()
 
     def to_device(self, module):
@@ -1053,9 +1083,9 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
     show:       the loss terms the console row shows besides 'loss' (metrics.jsonl keeps every term).
     deployed_net(model, args) -> the deployed model as a plain backbone (build_backbone's, or
                 MultiBranch.single's); when given, a finished run also writes it to deployed.pt.
-    Stops early after --stop-after epochs (checkpoint kept; returns {'stopped_after_epoch', ...}, no final.json);
-    on Ctrl-C prints the command that resumes and exits with status 130; on a non-finite loss term stops with
-    a one-line error, keeping the last good checkpoint.
+    Stops early after --stop-after epochs (checkpoint kept; returns {'stopped_after_epoch', ...}, no
+    final.json); on Ctrl-C prints the command that resumes and exits with status 130; on a non-finite
+    loss term stops with a one-line error, keeping the last good checkpoint.
     """
     args, ckpt_path = run.args, os.path.join(run.out, "checkpoint.pt")
     _open_out(run)
@@ -1089,13 +1119,14 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 step = epoch * steps_per_epoch + i
                 logs = train_step(model, optimizers, x, y, epoch, step, run)
                 dist_sync_buffers(model)  # section 6: under torchrun, rank 0's BN statistics
-                # BOILERPLATE: every logged term in one device vector: a few kernels per step whatever the number
-                # of terms, and no host sync inside the epoch (read once per epoch below).
+                # BOILERPLATE: every logged term in one device vector: a few kernels per step whatever
+                # the number of terms, and no host sync inside the epoch (read once per epoch below).
                 vals = torch.stack([v.detach().float() for v in logs.values()])  # (terms,)
                 if names is None:
                     names, sums, bad = list(logs), torch.zeros_like(vals), torch.full_like(vals, -1.0)
                 sums += vals * len(y)
-                bad = torch.where((bad < 0) & ~torch.isfinite(vals), float(step), bad)  # first non-finite step
+                # the first non-finite step of each term
+                bad = torch.where((bad < 0) & ~torch.isfinite(vals), float(step), bad)
                 seen += len(y)
                 if args.log_every and (i + 1) % args.log_every == 0:
                     print(f"  step {i + 1}/{steps_per_epoch} loss {logs['loss'].item():.4f}", flush=True)
@@ -1104,9 +1135,11 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
             if bad_steps:  # name every term that first went non-finite at the earliest bad step
                 first = min(bad_steps.values())
                 terms = ", ".join(repr(k) for k, at in bad_steps.items() if at == first)
-                kept = f"the checkpoint of epoch {saved} is kept in {run.out!r}" if saved else "no checkpoint was written"
-                fail(f"non-finite loss ({terms}) at epoch {epoch + 1}, step {first - epoch * steps_per_epoch + 1} of "
-                     f"{steps_per_epoch}; stopped, {kept} (lower --lr?)")
+                kept = (f"the checkpoint of epoch {saved} is kept in {run.out!r}" if saved
+                        else "no checkpoint was written")
+                fail(f"non-finite loss ({terms}) at epoch {epoch + 1}, step "
+                     f"{first - epoch * steps_per_epoch + 1} of {steps_per_epoch}; stopped, {kept} "
+                     f"(lower --lr?)")
             _sync(run.device)
             sec = time.perf_counter() - t0
             accs = evaluate_all(run, model, evaluate)
@@ -1131,7 +1164,8 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 print(" | ".join(f"{c:>{max(6, len(c))}}" for c in cols), flush=True)
                 header_done = True
             print(" | ".join(f"{v:>{max(6, len(c))}}" for c, v in cols.items()), flush=True)
-            _write_text(os.path.join(run.out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+            _write_text(os.path.join(run.out, "metrics.jsonl"),
+                        "".join(json.dumps(h) + "\n" for h in history))
             save_checkpoint(ckpt_path, {
                 "epoch": epoch + 1, "meta": _meta(run), "history": history, "best": best,
                 "deployed": deployed, "data": data_info(run.data), "model": model.state_dict(),
@@ -1139,7 +1173,8 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
                 # BOILERPLATE: the run device's RNG only (another GPU count must not matter)
                 "device": run.device.type, "device_rng": _device_rng(run.device),
-                "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "args": dataclasses.asdict(args)})
+                "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+                "args": dataclasses.asdict(args)})
             saved = epoch + 1
         if deployed_net is not None:  # before final.json: a run with final.json has its deployed.pt
             net = deployed_net(model, args)
@@ -1150,10 +1185,11 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
             save_checkpoint(os.path.join(run.out, "deployed.pt"), payload, what="deployed network")
     except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is the last completed epoch, consistent as is
         if saved:
-            print(f"interrupted in epoch {saved + 1}; the checkpoint of epoch {saved} is kept in {run.out!r}; "
-                  f"resume with: {resume_command(run)}", file=sys.stderr, flush=True)
+            print(f"interrupted in epoch {saved + 1}; the checkpoint of epoch {saved} is kept in "
+                  f"{run.out!r}; resume with: {resume_command(run)}", file=sys.stderr, flush=True)
         else:
-            print("interrupted in epoch 1, before the first checkpoint; nothing to resume", file=sys.stderr, flush=True)
+            print("interrupted in epoch 1, before the first checkpoint; nothing to resume",
+                  file=sys.stderr, flush=True)
         raise SystemExit(130)  # the shell's status for 'ended by SIGINT'
     last = history[-1]
     models = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
@@ -1188,7 +1224,8 @@ def resume_command(run):
 
 
 def _meta(run):
-    return {"method": run.method, "arch": run.args.arch, "dataset": run.args.dataset, "num_classes": run.num_classes}
+    return {"method": run.method, "arch": run.args.arch, "dataset": run.args.dataset,
+            "num_classes": run.num_classes}
 
 
 def _device_rng(device):
@@ -1208,19 +1245,22 @@ def _load_checkpoint(run, path, model, optimizers, gen):
         # onto the model's device.
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
-        fail(f"--resume: cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupt or not a checkpoint")
+        fail(f"--resume: cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupt or not "
+             "a checkpoint")
     old = ck.get("meta") if isinstance(ck, dict) else None
     if old != _meta(run):
         theirs = ", ".join(f"{k} {v}" for k, v in old.items()) if isinstance(old, dict) else "unknown"
         ours = ", ".join(f"{k} {v}" for k, v in _meta(run).items())
-        fail(f"--resume: checkpoint {path!r} is from another run ({theirs}), not this one ({ours}); choose another --out")
+        fail(f"--resume: checkpoint {path!r} is from another run ({theirs}), not this one ({ours}); "
+             "choose another --out")
     try:
         model.load_state_dict(ck["model"])
         for k, o in optimizers.items():
             o.load_state_dict(ck["optimizers"][k])
     except (RuntimeError, KeyError, ValueError) as e:  # e.g. another --num-peers: name the flags that changed
         old, new = ck.get("args", {}), dataclasses.asdict(run.args)
-        changed = [f"--{k.replace('_', '-')} {old[k]} -> {new[k]}" for k in new if k in old and old[k] != new[k]
+        changed = [f"--{k.replace('_', '-')} {old[k]} -> {new[k]}" for k in new
+                   if k in old and old[k] != new[k]
                    and k not in ("resume", "stop_after", "out", "log_every")]
         fail(f"--resume: the weights in {path!r} do not fit this model ({type(e).__name__}); "
              f"changed since that run: {', '.join(changed) or 'nothing recorded'}")

@@ -50,8 +50,9 @@ class Args(common.TrainArgs):
     arch: str = arg("resnet32", f"backbone of every peer, or one per peer: resnet32,wrn16_2 (K = "
                                 f"the number of names); choices: {', '.join(common.BACKBONES)}")
     num_peers: int = arg(2, "K: number of peer networks (paper: 2)")
-    temperature: float = arg(1.0, "T: softmax temperature of the mimicry KL, which is scaled by T^2 (paper: 1)")
-    update: str = arg("joint", "joint: one step for all peers; sequential: paper Algorithm 1", choices=["joint", "sequential"])
+    temperature: float = arg(1.0, "T: softmax temperature of the mimicry KL, scaled by T^2 (paper: 1)")
+    update: str = arg("joint", "joint: one step for all peers; sequential: paper Algorithm 1",
+                      choices=["joint", "sequential"])
 
 
 def resolve(args):
@@ -87,7 +88,7 @@ def dml_loss(logits, y, args):
     for k in range(K):
         # ALGO: CE(z_k, y), mean over the batch.
         ce = F.cross_entropy(logits[k].float(), y)
-        # ALGO: Eq. 4, mimicry: 1/(K-1) sum_{l != k} T^2 KL(p_l || p_k), peer logits detached (targets only).
+        # ALGO: Eq. 4 mimicry: 1/(K-1) sum_{l != k} T^2 KL(p_l || p_k); peers detached (targets only).
         kd = sum(common.kd_loss(logits[k], logits[l].detach(), T) for l in range(K) if l != k) / (K - 1)
         # ALGO: L = sum_k (CE_k + KD_k).
         loss = loss + ce + kd
@@ -99,28 +100,30 @@ def dml_loss(logits, y, args):
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
-    # NOTE(deviation): joint update by default (the CIFAR re-implementations); the paper's Algorithm 1 is the
-    # sequential branch below (--update sequential).
-    if run.args.update == "joint":
-        with run.autocast():
-            logits = torch.stack([net(x) for net in model])  # (K, B, C)
-            loss, logs = dml_loss(logits, y, run.args)
-        optimizers["sgd"].zero_grad(set_to_none=True)
-        loss.backward()  # peers are detached, so network k receives exactly the gradient of its own L_k
-        optimizers["sgd"].step()
+    if run.args.update != "joint":
+        # ALGO: Algorithm 1 (--update sequential): for k = 1..K, recompute the peers with their
+        # current weights (no grad; train mode, so their BN statistics are updated again), then step
+        # network k only. The optimiser skips parameters whose .grad is None: every other network.
+        for k in range(len(model)):
+            with run.autocast():
+                with torch.no_grad():
+                    peers = [net(x) for net in model]
+                # (K, B, C): network k live, its peers recomputed without gradient
+                logits = torch.stack([model[k](x) if l == k else peers[l] for l in range(len(model))])
+                loss, logs = dml_loss(logits, y, run.args)
+            optimizers["sgd"].zero_grad(set_to_none=True)
+            loss.backward()
+            optimizers["sgd"].step()
         return logs
-    # ALGO: Algorithm 1 (sequential): for k = 1..K, recompute the peers with their current weights (no grad;
-    # train mode, so their BN statistics are updated again), then step network k only. The optimiser skips
-    # parameters whose .grad is None, i.e. every other network.
-    for k in range(len(model)):
-        with run.autocast():
-            with torch.no_grad():
-                peers = [net(x) for net in model]
-            logits = torch.stack([model[k](x) if l == k else peers[l] for l in range(len(model))])  # (K, B, C)
-            loss, logs = dml_loss(logits, y, run.args)
-        optimizers["sgd"].zero_grad(set_to_none=True)
-        loss.backward()
-        optimizers["sgd"].step()
+    # NOTE(deviation): joint update by default (the CIFAR re-implementations); the paper's
+    # Algorithm 1 is the sequential branch above.
+    with run.autocast():
+        logits = torch.stack([net(x) for net in model])  # (K, B, C)
+        loss, logs = dml_loss(logits, y, run.args)
+    optimizers["sgd"].zero_grad(set_to_none=True)
+    # Peers are detached, so network k receives exactly the gradient of its own L_k.
+    loss.backward()
+    optimizers["sgd"].step()
     return logs
     # ===== END ALGO =====
 
@@ -141,8 +144,8 @@ def evaluate(model, x):
 
 
 def deployed_net(model, args):
-    """The deployed model as a plain backbone (written to deployed.pt): peer 1."""
-    return model[0]
+    """The deployed model as a plain backbone (written to deployed.pt)."""
+    return model[0]  # peer 1
 
 
 # ===== 7. Main =====

@@ -75,14 +75,16 @@ from common import arg
 @dataclass
 class Args(common.TrainArgs):
     """FFSD: common students (DML + diversity) -> fusion module -> leader, with self-distillation modules."""
-    weight_decay: float = arg(1e-4, "SGD weight decay of students and leader, also the SD modules' Adam (FFSD Sec. IV-A: 1e-4)")
-    pad_mode: str = arg("reflect", "random-crop padding (4 pixels): zero or reflect (FFSD code: reflect)", choices=["zero", "reflect"])
+    weight_decay: float = arg(1e-4, "SGD weight decay of students and leader, also the SD modules' "
+                                    "Adam (FFSD Sec. IV-A: 1e-4)")
+    pad_mode: str = arg("reflect", "random-crop padding (4 pixels): zero or reflect (FFSD code: reflect)",
+                        choices=["zero", "reflect"])
     num_students: int = arg(2, "M: number of common students (paper: 2); the leader is one more network")
-    temperature: float = arg(2.0, "T (Eq. 1-4): softmax temperature of every KL term, which is scaled by T^2 (paper: 2)")
+    temperature: float = arg(2.0, "T (Eqs. 1-4): softmax temperature of every KL, scaled by T^2 (paper: 2)")
     lambda_div: float = arg(1e-5, "lambda_div (Eqs. 9, 11-12): weight of the diversity and student SD terms")
-    lambda_fusion: float = arg(10.0, "lambda_fusion (Eqs. 5, 13-14): weight of the leader's three feature terms")
+    lambda_fusion: float = arg(10.0, "lambda_fusion (Eqs. 5, 13-14): weight of the leader's 3 feature terms")
     lambda_sd: float = arg(1000.0, "lambda_sd (Eq. 10): weight of the SD modules' own training loss")
-    warmup_epochs: int = arg(5, "the three lambdas ramp as exp(-5 (1 - e/W)^2) over epochs e = 1..W (0 = off)")
+    warmup_epochs: int = arg(5, "lambda_* ramp as exp(-5 (1 - e/W)^2) over epochs e = 1..W (0 = off)")
     fusion_wd: float = arg(1e-5, "weight decay of the fusion module's SGD (official code: 1e-5)")
     sd_lr: float = arg(1e-3, "Adam learning rate of the SD modules (Sec. IV-A), decayed with the schedule")
 
@@ -134,7 +136,8 @@ class Fusion(nn.Module):
     def __init__(self, C, M, num_classes):
         super().__init__()
         self.encoder = nn.Sequential(
-            nn.Conv2d(M * C, M * C, 3, 1, 1, groups=M * C, bias=False), nn.BatchNorm2d(M * C), nn.ReLU(inplace=True),
+            nn.Conv2d(M * C, M * C, 3, 1, 1, groups=M * C, bias=False),  # depthwise 3x3
+            nn.BatchNorm2d(M * C), nn.ReLU(inplace=True),
             nn.Conv2d(M * C, C, 1, bias=False), nn.BatchNorm2d(C), nn.ReLU(inplace=True))
         self.pool, self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(C, num_classes)
         common.init_weights(self)  # the official code's init, as the backbones
@@ -145,8 +148,9 @@ class Fusion(nn.Module):
 
 
 def decoder(C, M):
-    """The leader's decoder R (Eq. 5, "aligns the channel dimension"): F_ld^L (B, C, H, W) -> depthwise 3x3 +
-    BN + ReLU -> 1x1 (C -> M*C) + BN + ReLU -> (B, M*C, H, W). Trained with the leader, unused at test time."""
+    """The leader's decoder R (Eq. 5, "aligns the channel dimension"): F_ld^L (B, C, H, W) ->
+    depthwise 3x3 + BN + ReLU -> 1x1 (C -> M*C) + BN + ReLU -> (B, M*C, H, W). Trained with the
+    leader, unused at test time."""
     return common.init_weights(nn.Sequential(
         nn.Conv2d(C, C, 3, 1, 1, groups=C, bias=False), nn.BatchNorm2d(C), nn.ReLU(inplace=True),
         nn.Conv2d(C, M * C, 1, bias=False), nn.BatchNorm2d(M * C), nn.ReLU(inplace=True)))
@@ -162,7 +166,8 @@ class SelfDistillation(nn.Module):
     def __init__(self, widths, sizes):
         super().__init__()
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, s_out // s_in, 1, output_padding=s_out // s_in - 1, bias=False),
+            nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, s_out // s_in, 1,
+                                             output_padding=s_out // s_in - 1, bias=False),
                           nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
             for cin, cout, s_in, s_out in zip(widths[:0:-1], widths[-2::-1], sizes[:0:-1], sizes[-2::-1]))
 
@@ -201,8 +206,8 @@ class FFSD(nn.Module):
     @staticmethod
     @torch.no_grad()
     def _teach(sd, x):
-        # ALGO: an SD module used as a teacher: eval-mode BN (running statistics untouched), no gradient, so its
-        # outputs are detached targets and the student/leader losses never reach its weights.
+        # ALGO: an SD module as a teacher: eval-mode BN (running statistics untouched) and no gradient,
+        # so its outputs are detached targets and the student/leader losses never reach its weights.
         mode = sd.training
         sd.eval()
         maps = sd(x)
@@ -210,8 +215,8 @@ class FFSD(nn.Module):
         return maps
 
     def forward(self, x):
-        """Every tensor the losses need, for one batch x (B, 3, 32, 32) shared by all networks (the forward passes
-        that open each iteration of the FFSD official code, CIFARTrainer.py)."""
+        """Every tensor the losses need, for one batch x (B, 3, 32, 32) shared by all networks (the
+        forward passes that open each iteration of the official CIFARTrainer.py)."""
         M = len(self.students)
         feats_ld = self.leader.features(x)  # [F_ld^1, ..., F_ld^L]
         feats = [net.features(x) for net in self.students]  # M lists of L maps
@@ -223,11 +228,12 @@ class FFSD(nn.Module):
             "z": z, "feats": feats, "z_ld": self._head(self.leader, feats_ld), "feats_ld": feats_ld,
             "recon": self.decoder(feats_ld[-1]),  # R(F_ld^L): (B, M*C, H, W)
             "concat": concat, "fused": fused, "z_f": z_f,
-            # ALGO: Eq. 11: G_k fed the diversity-shifted map of student k-1 (targets for student k's shallow stages).
-            "sd_teach": [self._teach(self.sd_students[k - 1], shifted_map(feats[k - 1][-1].detach())) for k in range(1, M)],
+            # ALGO: Eq. 11: G_k on student k-1's diversity-shifted map: targets for k's shallow stages.
+            "sd_teach": [self._teach(self.sd_students[k - 1], shifted_map(feats[k - 1][-1].detach()))
+                         for k in range(1, M)],
             # ALGO: Eq. 13: G_ld fed the fused map (targets for the leader's shallow stages).
             "sd_teach_ld": self._teach(self.sd_leader, fused.detach()),
-            # ALGO: Eq. 10: each SD module in train mode on its OWN network's detached last map (its training data).
+            # ALGO: Eq. 10 fit: each SD module in train mode on its OWN network's detached last map.
             "sd_fit": [sd(feats[k][-1].detach()) for k, sd in zip(range(1, M), self.sd_students)]
                       + [self.sd_leader(feats_ld[-1].detach())],
         }
@@ -240,10 +246,9 @@ def build_model(args, num_classes):
 
 
 def build_optimizers(model, args):
-    # ALGO: FFSD official code, CIFARTrainer.py: one SGD per student; the leader's SGD also holds its decoder R;
-    # the fusion module's SGD has its own weight decay (1e-5); each SD module has its own Adam (coupled L2 =
-    # --weight-decay).
-    # fit() scales every group's LR by the step schedule, so all of them decay at 50% / 75% of the epochs.
+    # ALGO: one SGD per student; the leader's SGD also holds its decoder R; the fusion module's SGD
+    # has its own weight decay (1e-5); each SD module has its own Adam (coupled L2 = --weight-decay).
+    # fit() scales every group's LR by the step schedule: all decay at 50% / 75% of the epochs.
     opts = {f"student{k + 1}": common.sgd(net.parameters(), args) for k, net in enumerate(model.students)}
     opts["fusion"] = common.sgd(model.fusion.parameters(), args, weight_decay=args.fusion_wd)
     opts["leader"] = common.sgd([*model.leader.parameters(), *model.decoder.parameters()], args)
@@ -276,7 +281,8 @@ def student_loss(out, y, k, args, w):
     t, _, _ = diversity_target(attention(out["feats"][k - 1][-1].detach()))
     div = lam * (F.normalize(attention(out["feats"][k][-1]), dim=1) - t).pow(2).mean()
     # ALGO: Eqs. 11-12: shallow stages mimic G_k(shifted map of student k-1) (detached, eval-mode SD module).
-    sd = lam * sum(distance(attention(f), attention(g)) for f, g in zip(out["feats"][k][:-1], out["sd_teach"][k - 1]))
+    sd = lam * sum(distance(attention(f), attention(g))
+                   for f, g in zip(out["feats"][k][:-1], out["sd_teach"][k - 1]))
     logs.update({f"div/student{k + 1}": div.detach(), f"sd/student{k + 1}": sd.detach()})
     return ce + kd + div + sd, logs
     # ===== END ALGO =====
@@ -286,7 +292,7 @@ def fusion_loss(out, y, args):
     """Fusion module (Eq. 4): CE(z_f, y) + KD_T(sg z_bar -> z_f), z_bar = mean of the students' logits."""
     # ===== BEGIN ALGO: fusion loss =====
     ce = F.cross_entropy(out["z_f"].float(), y)
-    kd = common.kd_loss(out["z_f"], out["z"].float().mean(0).detach(), args.temperature)  # leader not in z_bar
+    kd = common.kd_loss(out["z_f"], out["z"].float().mean(0).detach(), args.temperature)  # students only
     return ce + kd, {"ce/fusion": ce.detach(), "kd/fusion": kd.detach()}
     # ===== END ALGO =====
 
@@ -303,7 +309,8 @@ def leader_loss(out, y, args, w):
     # ALGO: Eq. 5, second term: the decoded map R(F_ld^L) matches the students' (detached) concatenation.
     recon = lam * distance(attention(out["recon"]), attention(out["concat"].detach()))
     # ALGO: Eq. 13: shallow stages mimic G_ld(F_f) (detached, eval-mode SD module).
-    sd = lam * sum(distance(attention(f), attention(g)) for f, g in zip(out["feats_ld"][:-1], out["sd_teach_ld"]))
+    sd = lam * sum(distance(attention(f), attention(g))
+                   for f, g in zip(out["feats_ld"][:-1], out["sd_teach_ld"]))
     logs = {"ce/leader": ce.detach(), "kd/leader": kd.detach(), "fmap/leader": fmap.detach(),
             "recon/leader": recon.detach(), "sd/leader": sd.detach()}
     return ce + kd + fmap + recon + sd, logs
@@ -347,8 +354,8 @@ def train_step(model, optimizers, x, y, epoch, step, run):
         loss, logs = ffsd_loss(out, y, run.args, run.scalar("warmup", warmup(epoch, run.args)))
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
-    # NOTE(deviation): one summed backward instead of the official code's backward per network; every parameter
-    # gets the same gradient because all cross-network targets and the fusion input are detached.
+    # NOTE(deviation): one summed backward, not one per network as in the official code; every
+    # parameter gets the same gradient, as all cross-network targets and the fusion input are detached.
     loss.backward()
     for opt in optimizers.values():  # students, fusion, leader (+R), SD modules: disjoint parameter sets
         opt.step()
@@ -372,7 +379,7 @@ def evaluate(model, x):
 
 
 def deployed_net(model, args):
-    """The deployed model as a plain backbone (written to deployed.pt): the leader."""
+    """The deployed model as a plain backbone (written to deployed.pt)."""
     return model.leader
 
 

@@ -1,7 +1,7 @@
 """OKDDip: Online Knowledge Distillation with Diverse Peers.
 
-D. Chen, J.-P. Mei, C. Wang, Y. Feng, C. Chen. "Online Knowledge Distillation with Diverse Peers". AAAI 2020.
-arXiv:1912.00350.
+D. Chen, J.-P. Mei, C. Wang, Y. Feng, C. Chen. "Online Knowledge Distillation with Diverse Peers".
+AAAI 2020. arXiv:1912.00350.
 
 A shared trunk with m auxiliary peers and one group leader (m + 1 branches, the leader is the LAST one).
 Two levels of distillation. First level: every auxiliary peer gets its own target, a per-sample
@@ -57,9 +57,10 @@ from common import arg
 class Args(common.TrainArgs):
     """OKDDip: m auxiliary peers with attention-mixed targets, their mean distilled into a leader."""
     num_peers: int = arg(3, "m: number of auxiliary peers; the leader is one more branch (official: 3 + 1)")
-    temperature: float = arg(3.0, "T: softmax temperature of both KD levels, which are scaled by T^2 (official: 3)")
-    rampup_epochs: int = arg(80, "ramp-up length in epochs of the KD weight w(e), both levels (official: 80; 0 = w is 1)")
-    exclude_self: bool = arg(False, "mask each peer out of its own attention target (official code: included)")
+    temperature: float = arg(3.0, "T: softmax temperature of both KD levels, scaled by T^2 (official: 3)")
+    rampup_epochs: int = arg(80, "ramp-up length in epochs of the KD weight w(e), both levels "
+                                 "(official: 80; 0 = w is 1)")
+    exclude_self: bool = arg(False, "mask each peer out of its own attention target (official: included)")
 
 
 # ===== 3. Model =====
@@ -71,8 +72,7 @@ class OKDDip(nn.Module):
         self.m, self.exclude_self = m, exclude_self
         self.net = common.MultiBranch(arch, num_classes, m + 1)
         D = self.net.feature_dim
-        # ALGO: OKDDip official code (models/model_cifar/*_GL.py): W_q, W_k = Linear(D -> D/8, no bias), ONE pair
-        # shared by all peers.
+        # ALGO: W_q, W_k = Linear(D -> D/8, no bias), ONE pair shared by all peers.
         self.query = nn.Linear(D, D // 8, bias=False)
         self.key = nn.Linear(D, D // 8, bias=False)
 
@@ -84,8 +84,9 @@ class OKDDip(nn.Module):
             q, k = self.query(h.float()), self.key(h.float())  # (m, B, D/8) each
             # ALGO: energy[a, b] = q_a . k_b per sample, no 1/sqrt(d) scaling.
             energy = torch.einsum("abd,cbd->bac", q, k)  # (B, m, m): [sample, query a, key b]
-        if self.exclude_self:  # NOTE(deviation): optional, not the official code: a peer not in its own target.
-            energy = energy.masked_fill(torch.eye(self.m, dtype=torch.bool, device=energy.device), float("-inf"))
+        if self.exclude_self:  # NOTE(deviation): optional, not the official code's: no self-target.
+            energy = energy.masked_fill(torch.eye(self.m, dtype=torch.bool, device=energy.device),
+                                        float("-inf"))
         # ALGO: softmax over the keys b (row a sums to 1), the peer itself included by default.
         return F.softmax(energy, dim=-1)
         # ===== END ALGO =====
@@ -98,14 +99,15 @@ class OKDDip(nn.Module):
 
 
 def build_model(args, num_classes):
-    # ALGO: one trunk shared once, m + 1 branches with their own weights (each from a freshly built backbone).
+    # ALGO: one trunk shared once, m + 1 branches with their own weights (each a fresh backbone's).
     if args.num_peers < 2:
         common.fail(f"--num-peers must be at least 2, got {args.num_peers}")
     return OKDDip(args.arch, num_classes, args.num_peers, args.exclude_self)
 
 
 def build_optimizers(model, args):
-    # BOILERPLATE: the recipe's SGD over every trainable parameter (W_q, W_k included, weight decay too).
+    # BOILERPLATE: the recipe's SGD over every trainable parameter.
+    # (W_q and W_k included, weight decay too.)
     return {"sgd": common.sgd(model.parameters(), args)}
 
 
@@ -113,8 +115,7 @@ def build_optimizers(model, args):
 def peer_targets(peer_logits, A):
     """t_a = sum_b A[a, b] z_b. peer_logits: (m, B, C), A: (B, m, m). Returns (m, B, C)."""
     # ===== BEGIN ALGO: peer targets =====
-    # ALGO: OKDDip official code (models/model_cifar/*_GL.py): targets mix LOGITS (softmax(./T) comes inside the
-    # KD), per sample.
+    # ALGO: targets mix LOGITS (softmax(./T) comes inside the KD), per sample.
     with common.fp32_region(A):  # float32 even under autocast (it would lower the einsum to bf16)
         return torch.einsum("bac,cbk->abk", A.float(), peer_logits.float())
     # ===== END ALGO =====
@@ -126,16 +127,17 @@ def okddip_loss(logits, A, y, w, args):
     # ===== BEGIN ALGO: loss =====
     T, m, loss, logs = args.temperature, A.shape[-1], 0.0, {}
     peers, leader = logits[:m], logits[m]  # (m, B, C), (B, C)
-    # ALGO: NOTHING detached (official code): the gradient of each peer's KD flows into t_a, hence into every
-    # peer's logits and into W_q, W_k, whose only gradient source this is.
+    # ALGO: NOTHING detached: the gradient of each peer's KD flows into t_a, hence into every peer's
+    # logits and into W_q, W_k, whose only gradient source this is.
     t = peer_targets(peers, A)  # (m, B, C)
     for a in range(m):
-        # ALGO: CE(z_a, y), mean over the batch; first level: KD_T(t_a -> z_a) = T^2 KL(softmax(t_a/T) || softmax(z_a/T)).
-        # NOTE(deviation): the official KL_Loss adds 1e-7 to the target probabilities; left out (negligible).
+        # ALGO: CE(z_a, y), mean over the batch; first level: KD_T(t_a -> z_a), i.e.
+        # T^2 KL(softmax(t_a/T) || softmax(z_a/T)).
+        # NOTE(deviation): left out the official KL_Loss's +1e-7 on target probabilities (negligible).
         ce, kd = F.cross_entropy(peers[a].float(), y), common.kd_loss(peers[a], t[a], T)
         loss = loss + ce + w * kd
         logs[f"ce/peer{a + 1}"], logs[f"kd/peer{a + 1}"] = ce.detach(), kd.detach()
-    # ALGO: second level: the leader learns from the labels and from the mean of the peers' logits (not detached).
+    # ALGO: second level: the leader learns from the labels and the peers' mean logits (not detached).
     ce_l, kd_l = F.cross_entropy(leader.float(), y), common.kd_loss(leader, peers.float().mean(0), T)
     # ALGO: L = sum_a (CE_a + w KD_a) + CE_L + w KD_L: sums over peers, one w for both levels.
     loss = loss + ce_l + w * kd_l
@@ -148,7 +150,7 @@ def okddip_loss(logits, A, y, w, args):
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
-    # ALGO: w(e) from the 0-based epoch, constant within an epoch (OKDDip official code, train_GL.py: --length 80).
+    # ALGO: w(e) from the 0-based epoch, constant within an epoch.
     w = run.scalar("w", common.sigmoid_rampup(epoch, run.args.rampup_epochs))  # 0-d device tensor
     with run.autocast():
         logits, A = model(x)  # (m + 1, B, C), (B, m, m)
@@ -167,13 +169,14 @@ def evaluate(model, x):
     m = len(logits) - 1
     # The leader (last branch) is deployed; also every peer and the peer ensemble = argmax of the mean of the
     # auxiliary peers' logits (the leader not included; costs m branches).
-    return {**{f"peer{a + 1}": logits[a] for a in range(m)}, "ensemble": logits[:m].float().mean(0), "leader": logits[m]}
+    return {**{f"peer{a + 1}": logits[a] for a in range(m)}, "ensemble": logits[:m].float().mean(0),
+            "leader": logits[m]}
     # ===== END ALGO =====
 
 
 def deployed_net(model, args):
-    """The deployed model as a plain backbone (written to deployed.pt): trunk + leader."""
-    return model.net.single(model.m)
+    """The deployed model as a plain backbone (written to deployed.pt)."""
+    return model.net.single(model.m)  # trunk + leader
 
 
 # ===== 7. Main =====

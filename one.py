@@ -1,6 +1,7 @@
 """ONE: On-the-Fly Native Ensemble.
 
-X. Lan, X. Zhu, S. Gong. "Knowledge Distillation by On-the-Fly Native Ensemble". NeurIPS 2018. arXiv:1806.04606.
+X. Lan, X. Zhu, S. Gong. "Knowledge Distillation by On-the-Fly Native Ensemble". NeurIPS 2018.
+arXiv:1806.04606.
 
 One network with a shared low-level trunk and m branches (each its own copy of the last stage and
 classifier). A small gate looks at the shared features and weights the branches per sample; the weighted
@@ -8,9 +9,10 @@ sum of the branch logits is a teacher built on the fly. The teacher learns from 
 branch, and its softened prediction is distilled back into each branch. At test time one branch is kept:
 the deployed model costs exactly as much as the plain backbone.
 
-Objective (ONE paper Sec. 3; exact forms from the official code Lan1991Xu/ONE_NeurIPS2018, cifar_one.py and
-loss/kl_loss.py), branch logits z_i, gate g = softmax(ReLU(BN(W pool(trunk(x)) + b))) over the m branches,
-teacher z_e = sum_i g_i z_i (logits, per sample, nothing detached in the forward):
+Objective (ONE paper Sec. 3; exact forms from the official code Lan1991Xu/ONE_NeurIPS2018: cifar_one.py,
+loss/kl_loss.py, utils/ramps.py, and models/cifar/resnet.py, ONE_ResNet, for the gate), branch logits
+z_i, gate g = softmax(ReLU(BN(W pool(trunk(x)) + b))) over the m branches, teacher z_e = sum_i g_i z_i
+(logits, per sample, nothing detached in the forward):
     L = sum_i CE(z_i, y) + CE(z_e, y) + w(e) * sum_i T^2 * KL(softmax(sg(z_e)/T) || softmax(z_i/T))
 T = 3; w(e) = exp(-5 (1 - min(e, 80)/80)^2) at the 0-based epoch e (the official code's ramp-up); sg = detach
 (the teacher is a target in the KL; it and the gate learn from CE(z_e) only). KL summed over classes,
@@ -55,10 +57,10 @@ from common import arg
 class Args(common.TrainArgs):
     """ONE: shared trunk, m branches, a gated on-the-fly teacher distilled into every branch."""
     num_branches: int = arg(3, "m: number of branches (official code: 3)")
-    temperature: float = arg(3.0, "T: softmax temperature of the KD term, which is scaled by T^2 (official: 3)")
+    temperature: float = arg(3.0, "T: softmax temperature of the KD term, scaled by T^2 (official: 3)")
     rampup_epochs: int = arg(80, "ramp-up length in epochs of the KD weight w(e) (official: 80; 0 = w is 1)")
-    preset: str = arg("none", "one-official: the official scripts' optimiser, weight decay 1e-4 and no Nesterov",
-                      choices=["none", "one-official"])
+    preset: str = arg("none", "one-official: the official scripts' optimiser, weight decay 1e-4 and "
+                              "no Nesterov", choices=["none", "one-official"])
 
 
 def resolve(args):
@@ -76,11 +78,10 @@ class ONE(nn.Module):
         super().__init__()
         self.net = common.MultiBranch(arch, num_classes, m)
         # ===== BEGIN ALGO: gate =====
-        # ALGO: ONE paper / official code (models/cifar/resnet.py, ONE_ResNet): gate = pool(shared trunk output)
-        # -> Linear(C_trunk -> m, bias) -> BN1d(m) -> ReLU, then a softmax over the branches (in forward). The ReLU
-        # clips negative scores to 0.
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(self.net.trunk_channels, m),
-                                  nn.BatchNorm1d(m), nn.ReLU())
+        # ALGO: gate = pool(shared trunk output) -> Linear(C_trunk -> m, bias) -> BN1d(m) -> ReLU, then
+        # a softmax over the branches (in forward). The ReLU clips negative scores to 0.
+        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(self.net.trunk_channels, m), nn.BatchNorm1d(m), nn.ReLU())
         # ===== END ALGO =====
 
     def forward(self, x):
@@ -90,7 +91,8 @@ class ONE(nn.Module):
         # The gate in float32 even under autocast (a tiny Linear C_trunk -> m feeding a softmax).
         with common.fp32_region(t):
             g = F.softmax(self.gate(t.float()), dim=1)  # (B, m): over the branches, rows sum to 1
-        # ALGO: z_e = sum_i g_i * z_i, per sample, on LOGITS; nothing detached, so CE(z_e) trains gate, branches, trunk.
+        # ALGO: z_e = sum_i g_i * z_i, per sample, on LOGITS; nothing detached, so CE(z_e) trains
+        # gate, branches and trunk.
         z_e = (g.t().unsqueeze(-1) * z.float()).sum(0)  # (m, B, 1) * (m, B, C) -> (B, C)
         return z, g, z_e
         # ===== END ALGO =====
@@ -114,7 +116,7 @@ def one_loss(logits, z_e, y, w, args):
     tensor on the device: Run.scalar). Returns (loss, logs)."""
     # ===== BEGIN ALGO: loss =====
     T, loss, logs = args.temperature, 0.0, {}
-    # ALGO: official ONE code, cifar_one.py: CE(z_e, y) trains the teacher, hence the gate (mean over the batch).
+    # ALGO: CE(z_e, y) trains the teacher, hence the gate (mean over the batch).
     ce_e = F.cross_entropy(z_e.float(), y)
     for i in range(logits.shape[0]):
         # ALGO: CE(z_i, y) for every branch, mean over the batch.
@@ -135,7 +137,7 @@ def one_loss(logits, z_e, y, w, args):
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
-    # ALGO: w(e) from the 0-based epoch, constant within an epoch (official ONE code, utils/ramps.py).
+    # ALGO: w(e) from the 0-based epoch, constant within an epoch.
     w = run.scalar("w", common.sigmoid_rampup(epoch, run.args.rampup_epochs))  # 0-d device tensor
     with run.autocast():
         logits, _, z_e = model(x)  # (m, B, C), (B, m), (B, C)
@@ -153,13 +155,14 @@ def evaluate(model, x):
     logits, _, z_e = model(x)  # (m, B, C), (B, m), (B, C)
     # Branch 1 is deployed; also every branch, the gated teacher (ONE-E as the official code logs it) and the
     # plain mean of the branch logits (what OKDDip's code calls the ensemble); both cost m branches.
-    return {**{f"branch{i + 1}": logits[i] for i in range(len(logits))}, "one_e": z_e, "ensemble": logits.float().mean(0)}
+    return {**{f"branch{i + 1}": logits[i] for i in range(len(logits))}, "one_e": z_e,
+            "ensemble": logits.float().mean(0)}
     # ===== END ALGO =====
 
 
 def deployed_net(model, args):
-    """The deployed model as a plain backbone (written to deployed.pt): trunk + branch 1."""
-    return model.net.single(0)
+    """The deployed model as a plain backbone (written to deployed.pt)."""
+    return model.net.single(0)  # trunk + branch 1
 
 
 # ===== 7. Main =====

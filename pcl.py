@@ -58,11 +58,13 @@ from common import arg
 @dataclass
 class Args(common.TrainArgs):
     """PCL: peers with their own views, a feature-fusion ensemble teacher and a temporal-mean teacher."""
-    num_peers: int = arg(3, "m: number of peers (branches on the shared trunk), each with its own view (paper: 3)")
-    temperature: float = arg(3.0, "T: softmax temperature of both KD terms, scaled by T^2 (re-implementation: 3)")
+    num_peers: int = arg(3, "m: number of peers (trunk branches), each with its own view (paper: 3)")
+    temperature: float = arg(3.0, "T: softmax temperature of both KD terms, scaled by T^2 "
+                                  "(re-implementation: 3)")
     rampup_epochs: int = arg(80, "alpha: epochs of the sigmoid ramp-up w(e) of the KD terms (0 = no ramp-up)")
-    ema_decay: float = arg(0.999, "beta: cap of the EMA decay phi(g) = min(1 - 1/(g+1), beta) (re-implementation: 0.999)")
-    ema_per_epoch: bool = arg(False, "g counts epochs: one EMA update at each epoch end (default: after every step)")
+    ema_decay: float = arg(0.999, "beta: cap of the EMA decay phi(g) = min(1 - 1/(g+1), beta) "
+                                  "(re-implementation: 0.999)")
+    ema_per_epoch: bool = arg(False, "g counts epochs: one EMA update per epoch end (default: every step)")
 
 
 # ===== 3. Model =====
@@ -72,54 +74,57 @@ class PeerNet(nn.Module):
     def __init__(self, arch, num_classes, m):
         super().__init__()
         self.peers = common.MultiBranch(arch, num_classes, m)
-        # ALGO: peer ensemble teacher: one Linear (with bias) on concat(h_1..h_m), m*D wide (192 for ResNet-32).
+        # ALGO: peer ensemble teacher: Linear(m*D -> C, bias) on concat(h_1..h_m) (m*D = 192 for ResNet-32).
         # A classifier like every peer's fc: under autocast its logits are bf16, as theirs are; the
         # loss casts them to float32 before every softmax, CE and KL.
         self.head = nn.Linear(m * self.peers.feature_dim, num_classes)
 
     def forward(self, x):
-        """x: a batch shared by all peers, or a list of m views. Returns peer logits (m, B, C), z_e (B, C)."""
+        """x: one batch for all peers, or a list of m views. Returns peer logits (m, B, C), z_e (B, C)."""
         logits, feats, _ = self.peers(x)  # (m, B, C), (m, B, D)
         # ===== BEGIN ALGO: ensemble teacher -- z_e = head([h_1, ..., h_m]), features not detached =====
-        h = feats.transpose(0, 1).flatten(1)  # (B, m*D) = [h_1, ..., h_m]; NOT detached: CE(z_e) trains the peers
+        h = feats.transpose(0, 1).flatten(1)  # (B, m*D) = [h_1, ..., h_m], not detached
         return logits, self.head(h)
         # ===== END ALGO =====
 
 
 class PCL(nn.Module):
-    """Everything PCL trains or keeps, in one module (one checkpoint): the student and its temporal mean."""
+    """Everything PCL trains or keeps, as one module (one checkpoint): the student, its temporal mean."""
 
     def __init__(self, arch, num_classes, m):
         super().__init__()
         self.student = PeerNet(arch, num_classes, m)
-        # ALGO: peer mean teacher = temporal mean of the whole student (trunk, peers, head); it never gets a
-        # gradient and is never in the optimiser. It starts equal to the student (the first update copies anyway).
+        # ALGO: peer mean teacher = temporal mean of the whole student (trunk, peers, head): no
+        # gradient, not in the optimiser. It starts equal to the student (the first update copies anyway).
         self.mean = copy.deepcopy(self.student).requires_grad_(False)
 
 
 def build_model(args, num_classes):
     if args.num_peers < 2:
-        common.fail(f"--num-peers must be at least 2 (L_pm averages over the other m-1 peers), got {args.num_peers}")
+        common.fail(f"--num-peers must be at least 2 (L_pm averages over the other m-1 peers), "
+                    f"got {args.num_peers}")
     if not 0.0 <= args.ema_decay <= 1.0:
         common.fail(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
     if args.temperature <= 0 or args.rampup_epochs < 0:
-        common.fail(f"--temperature must be > 0 and --rampup-epochs >= 0, got {args.temperature}, {args.rampup_epochs}")
+        common.fail(f"--temperature must be > 0 and --rampup-epochs >= 0, got {args.temperature}, "
+                    f"{args.rampup_epochs}")
     return PCL(args.arch, num_classes, args.num_peers)
 
 
 def build_optimizers(model, args):
-    # BOILERPLATE: the recipe's SGD over every trainable parameter (the student's; the mean model has none).
+    # BOILERPLATE: the recipe's SGD over every trainable parameter.
+    # (The student's; the mean model has none.)
     return {"sgd": common.sgd(model.student.parameters(), args)}
 
 
 # ===== 4. Loss =====
 def pcl_loss(logits, ens_logits, mean_logits, y, w, args):
-    """logits: (m, B, C) peer j on view x_j; ens_logits: (B, C) z_e; mean_logits: (m, B, C) temporal-mean peer
-    k on view x_k; w: ramp-up weight w(e) (a number or a 0-d device tensor). Returns (L, logs);
-    logged KD terms are unweighted sums over peers."""
+    """logits: (m, B, C) peer j on view x_j; ens_logits: (B, C) z_e; mean_logits: (m, B, C)
+    temporal-mean peer k on view x_k; w: ramp-up weight w(e) (a number or a 0-d device tensor).
+    Returns (L, logs); logged KD terms are unweighted sums over peers."""
     # ===== BEGIN ALGO: loss =====
     m, T = logits.shape[0], args.temperature
-    # ALGO: CE(z_e, y): the only loss of the ensemble head; its gradient also reaches every peer and the trunk.
+    # ALGO: CE(z_e, y): the ensemble head's only loss; its gradient also reaches every peer and the trunk.
     ce_ens = F.cross_entropy(ens_logits.float(), y)
     # ALGO: the ensemble is a target for the peers, not a student of them: sg(z_e).
     target_ens = ens_logits.detach()
@@ -141,7 +146,7 @@ def pcl_loss(logits, ens_logits, mean_logits, y, w, args):
 
 # ===== 5. Train step =====
 def ema_decay(g, beta):
-    """phi(g) = min(1 - 1/(g+1), beta) for the 0-based update count g: 0 (a copy), 0.5, ..., capped at beta."""
+    """phi(g) = min(1 - 1/(g+1), beta), g = the 0-based update count: 0 (a copy), 0.5, ..., <= beta."""
     # ===== BEGIN ALGO: phi(g) -- min(1 - 1/(g+1), beta) =====
     return min(1.0 - 1.0 / (g + 1), beta)
     # ===== END ALGO =====
@@ -162,13 +167,13 @@ def ema_update(mean, student, phi):
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
     args = run.args
-    # ALGO: ramp-up weight of both KD terms, one value per 0-based epoch: w(0) = 0.0067, w(40) = 0.287, w(80) = 1.
+    # ALGO: both KD terms' ramp-up weight, per 0-based epoch: w(0) = 0.0067, w(40) = 0.287, w(80) = 1.
     w = run.scalar("w", common.sigmoid_rampup(epoch, args.rampup_epochs))  # 0-d device tensor
     with run.autocast():
         logits, ens_logits = model.student(x)  # (m, B, C), (B, C); x = [x_1..x_m], peer j on x_j
         with torch.no_grad():
-            # ALGO: z'_k = temporal-mean peer k on ITS OWN view x_k. The mean model is in train mode (fit calls
-            # model.train()): batch statistics, and its BN buffers track its own activations.
+            # ALGO: z'_k = temporal-mean peer k on ITS OWN view x_k. The mean model is in train mode
+            # (fit calls model.train()): batch statistics, and its BN buffers track its own activations.
             mean_logits, _ = model.mean(x)  # (m, B, C)
         loss, logs = pcl_loss(logits, ens_logits, mean_logits, y, w, args)
     optimizers["sgd"].zero_grad(set_to_none=True)
@@ -198,8 +203,8 @@ def evaluate(model, x):
 
 
 def deployed_net(model, args):
-    """The deployed model as a plain backbone (written to deployed.pt): mean trunk + peer 1."""
-    return model.mean.peers.single(0)
+    """The deployed model as a plain backbone (written to deployed.pt)."""
+    return model.mean.peers.single(0)  # mean trunk + mean peer 1
 
 
 # ===== 7. Main =====
