@@ -491,7 +491,8 @@ def render_compact(rows):
                           "—" if r["paper_gain"] is None else f"{r['paper_gain']:+.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines) + "\n\n")
-    paper = "" if all(r["synthetic"] for r in rows) else f"; paper: {PAPER_SOURCE}"
+    shown = any(not r["synthetic"] and GRIDS.get(r["grid"], {}).get("paper", True) for r in rows)
+    paper = f"; paper: {PAPER_SOURCE}" if shown else ""
     parts.append("Top-1 % of the deployed model at the last and at its best epoch, mean ± sample "
                  f"std over seeds; gain = our mean minus our baseline's{paper}. Every table with "
                  "its commands, devices and code versions: [RESULTS.md](RESULTS.md).\n")
