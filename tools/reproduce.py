@@ -58,8 +58,8 @@ GRIDS = {
     "table1": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10", seeds=[0, 1, 2], epochs=300, flags=[]),
     "table1-jpeg": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10-jpeg", seeds=[0, 1, 2], epochs=300,
                         flags=[]),
-    # The first course lab: real CIFAR-10 images on a laptop CPU (an estimated hour for 18 runs on 2 idle cores, two
-    # runs at a time). 512 training images per class (80 full batches of 64 per epoch), 2,000 test images,
+    # The first course lab: real CIFAR-10 images on a laptop CPU (an estimated hour for 18 runs on 2
+    # idle cores, two runs at a time). 512 training images per class (80 full batches of 64 per epoch), 2,000 test images,
     # 15 epochs = 1,200 steps: the 300-epoch recipe shrunk 20x, and every length counted in epochs or steps
     # with it: LR steps at the same fractions, ramp-up 80 -> 4 epochs, FFSD's warm-up 5 -> 1 epoch, and PCL's
     # temporal-mean horizon 1 / (1 - beta) = 1,000 steps (0.85 % of 117,300 steps) -> 10 steps (beta 0.9).
