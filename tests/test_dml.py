@@ -101,16 +101,7 @@ class TestDMLModel(unittest.TestCase):
         copy = dml.build_model(args, 10)
         copy.load_state_dict(model.state_dict())
         x, y = run.data.train_x[:8].float() / 255, run.data.train_y[:8]
-        dml.train_step(model, dml.build_optimizers(model, args), x, y, 0, 0, run)
-        z = [net(x) for net in copy]  # pre-update logits of both networks
-        for k in range(2):
-            opt = common.sgd(copy[k].parameters(), args)
-            lk = F.cross_entropy(z[k], y) + common.kd_loss(z[k], z[1 - k].detach(), 1.0)
-            opt.zero_grad()
-            lk.backward()
-            opt.step()
-        for p, q in zip(model.parameters(), copy.parameters()):
-            self.assertTrue(torch.allclose(p, q, atol=1e-6))
+        assert_joint_equals_per_network(self, model, copy, args, run, x, y)
 
     def test_sequential_update_recomputes_peers(self):
         args = tiny(dml.Args, self, arch="resnet8", num_peers=2, update="sequential")
@@ -192,16 +183,22 @@ class TestDMLMixedPeers(unittest.TestCase):
         copy = dml.build_model(args, 10)
         copy.load_state_dict(model.state_dict())
         x, y = run.data.train_x[:8].float() / 255, run.data.train_y[:8]
-        dml.train_step(model, dml.build_optimizers(model, args), x, y, 0, 0, run)
-        z = [net(x) for net in copy]
-        for k in range(2):
-            opt = common.sgd(copy[k].parameters(), args)
-            lk = F.cross_entropy(z[k], y) + common.kd_loss(z[k], z[1 - k].detach(), 1.0)
-            opt.zero_grad()
-            lk.backward()
-            opt.step()
-        for p, q in zip(model.parameters(), copy.parameters()):
-            self.assertTrue(torch.allclose(p, q, atol=1e-6))
+        assert_joint_equals_per_network(self, model, copy, args, run, x, y)
+
+
+def assert_joint_equals_per_network(test, model, copy, args, run, x, y):
+    """One train_step of `model` == each network of its copy stepped on its own L_k, with the
+    pre-update logits of both networks (the KD targets are detached)."""
+    dml.train_step(model, dml.build_optimizers(model, args), x, y, 0, 0, run)
+    z = [net(x) for net in copy]  # pre-update logits of both networks
+    for k in range(2):
+        opt = common.sgd(copy[k].parameters(), args)
+        lk = F.cross_entropy(z[k], y) + common.kd_loss(z[k], z[1 - k].detach(), 1.0)
+        opt.zero_grad()
+        lk.backward()
+        opt.step()
+    for p, q in zip(model.parameters(), copy.parameters()):
+        test.assertTrue(torch.allclose(p, q, atol=1e-6))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ of <= 15 MiB).
 
     python tools/gpu_check.py run --out runs/gpu-check --npz local/cifar10_jpeg.npz   # GPU machine
     python tools/gpu_check.py ingest runs/gpu-check    # here: results/, runs/, speed tables, report
-    python tools/gpu_check.py run --out /tmp/gc --dry-run --device cpu    # CPU plumbing check
+    python tools/gpu_check.py run --out runs/gc --dry-run --device cpu    # CPU plumbing check
 """
 import argparse
 import collections
