@@ -47,12 +47,34 @@ def fake_run(args, n=64):
     return common.Run(args, "test", torch.device("cpu"), data, out="", amp=False, channels_last=False)
 
 
+def normalised(run):
+    """The run's training images as the network sees them (no augmentation) and their labels."""
+    return (run.data.train_x.float() / 255 - run.data.mean) / run.data.std, run.data.train_y
+
+
+def assert_ramp_and_step(test, method, args, net, n=16):
+    """A method with a ramp-up weight: train_step logs w(40) = exp(-5 (1 - 40/80)^2) at any step of
+    epoch 40 (the same value at two steps: w depends on the epoch only) and moves the weights. Returns
+    (run, optimisers, x, y) for further checks."""
+    run = fake_run(args, n)
+    x, y = normalised(run)
+    opt = method.build_optimizers(net, args)
+    before = [p.detach().clone() for p in net.parameters()]
+    a = method.train_step(net, opt, x, y, epoch=40, step=0, run=run)["w"].item()
+    moved = any(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
+    test.assertTrue(moved, "no optimiser step")
+    b = method.train_step(net, opt, x, y, epoch=40, step=7, run=run)["w"].item()
+    test.assertAlmostEqual(a, math.exp(-5 * (1 - 40 / 80) ** 2), places=6, msg="w(40)")
+    test.assertEqual(a, b, "w depends on the epoch only")
+    return run, opt, x, y
+
+
 def three_steps(method, args, build_net):
     """Three method.train_step calls (batches 0:16, 16:32, 0:16 at epoch 0) on a 32-image fake run, with the net
     build_net() makes once the run exists and method.build_optimizers' optimisers. Returns the three losses and
     every parameter flattened into one tensor afterwards: what a same-seed-same-numbers test compares."""
     run = fake_run(args, 32)
-    x, y = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std, run.data.train_y
+    x, y = normalised(run)
     net = build_net()
     opt = method.build_optimizers(net, args)
     logs = [method.train_step(net, opt, x[i:i + 16], y[i:i + 16], 0, i, run)["loss"].item() for i in (0, 16, 0)]

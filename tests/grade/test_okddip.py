@@ -2,7 +2,6 @@
 their outputs (peer_targets and okddip_loss on hand-made tensors, the model's attention against its
 W_q / W_k, gradients, train_step's w, evaluate's names).
 """
-import math
 import os
 import sys
 import unittest
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import batch, fake_run, np_ce, np_kd, np_softmax  # noqa: E402
+from helpers import assert_ramp_and_step, batch, np_ce, np_kd, np_softmax  # noqa: E402
 import okddip  # noqa: E402  (the grader puts the student's file here)
 
 # 3 peers + the leader (last), B = 2, C = 3; a fixed attention (B, 3, 3), rows summing to 1; labels.
@@ -121,17 +120,7 @@ class TestTrainStep(unittest.TestCase):
     def test_one_w_per_epoch_and_a_step(self):
         """w(e) from the epoch (same at every step, both levels); the step changes the weights."""
         args = okddip.Args(arch="resnet8", batch_size=16, device="cpu")
-        run = fake_run(args, 16)
-        x, y = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std, run.data.train_y
-        net = model()
-        opt = okddip.build_optimizers(net, args)
-        before = [p.detach().clone() for p in net.parameters()]
-        a = okddip.train_step(net, opt, x, y, epoch=40, step=0, run=run)["w"].item()
-        moved = any(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
-        self.assertTrue(moved, "no optimiser step")
-        b = okddip.train_step(net, opt, x, y, epoch=40, step=9, run=run)["w"].item()
-        self.assertAlmostEqual(a, math.exp(-5 * (1 - 40 / 80) ** 2), places=6, msg="w(40)")
-        self.assertEqual(a, b, "w depends on the epoch only")
+        assert_ramp_and_step(self, okddip, args, model())
 
 
 class TestEvaluate(unittest.TestCase):

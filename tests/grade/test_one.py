@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import batch, fake_run, np_ce, np_kd, np_softmax  # noqa: E402
+from helpers import assert_ramp_and_step, batch, np_ce, np_kd, np_softmax  # noqa: E402
 import common  # noqa: E402
 import one  # noqa: E402  (the grader puts the student's file here)
 
@@ -97,17 +97,8 @@ class TestTrainStep(unittest.TestCase):
     def test_one_w_per_epoch_and_a_step(self):
         """w(e) = exp(-5 (1 - e/80)^2) from the epoch, the same at every step; a step is taken."""
         args = one.Args(arch="resnet8", num_branches=2, batch_size=16, device="cpu")
-        run = fake_run(args, 16)
-        x, y = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std, run.data.train_y
         net = model(m=2)
-        opt = one.build_optimizers(net, args)
-        before = [p.detach().clone() for p in net.parameters()]
-        a = one.train_step(net, opt, x, y, epoch=40, step=0, run=run)["w"].item()
-        moved = any(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
-        self.assertTrue(moved, "no optimiser step")
-        b = one.train_step(net, opt, x, y, epoch=40, step=7, run=run)["w"].item()
-        self.assertAlmostEqual(a, math.exp(-5 * (1 - 40 / 80) ** 2), places=6, msg="w(40)")
-        self.assertEqual(a, b, "w depends on the epoch only")
+        run, opt, x, y = assert_ramp_and_step(self, one, args, net)
         self.assertAlmostEqual(one.train_step(net, opt, x, y, epoch=0, step=0, run=run)["w"].item(),
                                math.exp(-5), places=6, msg="w(0)")
 
