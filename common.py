@@ -3,16 +3,20 @@
 which models are scored) lives in each method file.
 
 Contents, and what a method file may use from each section:
-  1. CLI bridge      `arg` (a field with its --help), `TrainArgs` (the shared flags), `parse_args`,
-                     `fail` (a one-line error). check_args validates; the parser is internal.
+  1. CLI bridge      `arg` (a field with its --help, choices and bounds), `TrainArgs` (the shared
+                     flags), `parse_args`, `fail` (a one-line error); an Args class may define
+                     PRESETS for its --preset. check_args validates; the parser is internal.
   2. Backbones       `build_backbone(arch, num_classes)` -> a `Net` (stem, stages, pool, fc;
-                     `Net.features(x)` = every stage's map), `BACKBONES`, `num_params`, `init_weights`.
+                     `Net.features(x)` = every stage's map, `Net.head(maps)` = the logits),
+                     `BACKBONES`, `num_params`, `init_weights`; `network_archs` (--arch a,b: one
+                     backbone per network) and `peer_names` for methods of separate networks.
   3. Branching       `MultiBranch(arch, num_classes, m)`: one shared trunk, m branches with their own
                      weights; forward -> (logits, pooled features, trunk output); `.single(j)`.
   4. Data            nothing directly: `fit(..., views=m)` asks for m augmented views per batch.
                      CIFAR / image folder / synthetic `fake` sets, held and augmented on the device.
   5. Training loop   `setup(args, method)` -> `Run` (`.args`, `.num_classes`, `.steps_per_epoch`,
-                     `.autocast()`, `.to_device()`), `sgd`, `kd_loss`, `sigmoid_rampup`, and
+                     `.autocast()`, `.to_device()`, `.scalar()`), `sgd`, `adam`, `kd_loss`,
+                     `sigmoid_rampup`, `fp32_region`, `eval_mode`, and
                      `fit(run, model, optimizers, train_step, evaluate, deployed, ...)`: epochs, LR
                      schedule, evaluation, the per-epoch row, metrics.jsonl, checkpoints, final.json.
   6. Beyond CIFAR   nothing directly: image folders of any size, streamed folders, ImageNet
@@ -24,13 +28,14 @@ import dataclasses
 import datetime
 import json
 import math
+import operator
 import os
 import random
 import shlex
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,8 +55,9 @@ def fail(msg):
 # 1. CLI bridge and shared arguments
 # =====================================================================================================
 def arg(default, help, **kw):
-    """A dataclass field with its --help text (and optional `choices`: a list, or a function returning
-    one, for lists defined further down) kept in the field's metadata."""
+    """A dataclass field with its --help text kept in the field's metadata, with optional checks
+    that check_args applies: `choices` (a list, or a function returning one, for lists defined
+    further down) and the bounds `at_least`, `at_most` (inclusive) and `above` (exclusive)."""
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
@@ -69,11 +75,11 @@ class TrainArgs:
                        choices=lambda: DATASETS)
     data_dir: str = arg("./data", "where torchvision downloads CIFAR, or the image folder for "
                                   "--dataset folder")
-    subset: int = arg(0, "use a class-balanced first N training images (0 = all)")
-    test_subset: int = arg(0, "use a class-balanced first N test images (0 = all)")
-    epochs: int = arg(300, "training epochs")
-    batch_size: int = arg(128, "training mini-batch size (images)")
-    lr: float = arg(0.1, "initial SGD learning rate")
+    subset: int = arg(0, "use a class-balanced first N training images (0 = all)", at_least=0)
+    test_subset: int = arg(0, "use a class-balanced first N test images (0 = all)", at_least=0)
+    epochs: int = arg(300, "training epochs", at_least=1)
+    batch_size: int = arg(128, "training mini-batch size (images)", at_least=1)
+    lr: float = arg(0.1, "initial SGD learning rate", above=0)
     lr_decay_at: str = arg("0.5,0.75", "multiply the LR by --lr-gamma after these fractions of --epochs")
     lr_gamma: float = arg(0.1, "LR decay factor at each milestone")
     momentum: float = arg(0.9, "SGD momentum")
@@ -91,12 +97,12 @@ class TrainArgs:
                                  "--compile implies it)")
     compile: bool = arg(False, "torch.compile the networks' forward (opt-in; implies --drop-last; "
                                "eager's numbers up to float rounding; the first steps compile)")
-    eval_batch_size: int = arg(1000, "test-time batch size")
+    eval_batch_size: int = arg(1000, "test-time batch size", at_least=1)
     out: str = arg("", "output directory (default runs/<method>-<arch>-<dataset>-seed<seed>)")
     resume: bool = arg(False, "continue from the checkpoint in --out")
     stop_after: int = arg(0, "stop after N epochs of this invocation, checkpoint kept, to continue "
-                             "later with --resume (0 = run to --epochs)")
-    log_every: int = arg(0, "also print a line every N steps (0 = one row per epoch)")
+                             "later with --resume (0 = run to --epochs)", at_least=0)
+    log_every: int = arg(0, "also print a line every N steps (0 = one row per epoch)", at_least=0)
     # Section 6 (beyond CIFAR): image size, streamed folders, LR warm-up and recipe, torchrun.
     image_size: int = arg(0, "image side in pixels, a multiple of 32: 0 = the data's own (32 "
                              "for CIFAR and fake, the images' own in memory, 224 streamed)")
@@ -104,9 +110,10 @@ class TrainArgs:
                               "(decode every batch from disk), auto (stream when the decoded train "
                               "split would exceed --memory-budget-gb or --image-size differs from "
                               "the images' size)", choices=["auto", "memory", "stream"])
-    memory_budget_gb: float = arg(16.0, "--loader auto: largest decoded train split held in memory")
+    memory_budget_gb: float = arg(16.0, "--loader auto: largest decoded train split held in memory",
+                                  above=0)
     lr_warmup_epochs: int = arg(0, "linear LR warm-up: epoch e < N (0-based) uses (e + 1) / N of "
-                                   "the scheduled LR (0 = off)")
+                                   "the scheduled LR (0 = off)", at_least=0)
     recipe: str = arg("none", "imagenet: FFSD's ImageNet recipe (90 epochs, batch 256, LR 0.8 "
                               "warmed up over 5 epochs, x0.1 at epochs 30 and 60, wd 1e-4, "
                               "Nesterov) for every flag left at its default",
@@ -135,20 +142,19 @@ def parse_args(cls, argv=None):
     return check_args(cls(**vars(parser.parse_args(argv))))
 
 
+BOUNDS = {"at_least": (operator.ge, "at least"), "at_most": (operator.le, "at most"),
+          "above": (operator.gt, "above")}  # arg(..., at_least=2): the check and its words
+
+
 def check_args(args):
     """Validate values argparse cannot (also for Args built directly in Python); one-line errors."""
     for f in dataclasses.fields(args):
-        value, allowed = getattr(args, f.name), choices(f)
+        value, allowed, flag = getattr(args, f.name), choices(f), "--" + f.name.replace("_", "-")
         if allowed is not None and value not in allowed:
-            fail(f"--{f.name.replace('_', '-')} {value!r} is not one of: {', '.join(map(str, allowed))}")
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    for name in ("subset", "test_subset", "log_every", "stop_after"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0 (0 = all/off), got {getattr(args, name)}")
-    if not args.lr > 0:
-        fail(f"--lr must be positive, got {args.lr}")
+            fail(f"{flag} {value!r} is not one of: {', '.join(map(str, allowed))}")
+        for key, (ok, words) in BOUNDS.items():
+            if key in f.metadata and not ok(value, f.metadata[key]):
+                fail(f"{flag} must be {words} {f.metadata[key]}, got {value}")
     try:
         fractions = [float(v) for v in args.lr_decay_at.split(",") if v.strip()]
     except ValueError:
@@ -156,6 +162,14 @@ def check_args(args):
     if any(not 0 < v <= 1 for v in fractions):
         fail(f"--lr-decay-at takes comma-separated fractions in (0, 1], got {args.lr_decay_at!r}")
     check_beyond_cifar(args)  # section 6: image size, loader, warm-up
+    return args
+
+
+def apply_preset(args):
+    """--preset NAME of a method whose Args defines PRESETS = {NAME: {field: value}}: those fields
+    take the preset's values (over any flag), in place like --recipe."""
+    for name, value in getattr(args, "PRESETS", {}).get(getattr(args, "preset", None), {}).items():
+        setattr(args, name, value)
     return args
 
 
@@ -184,8 +198,12 @@ class Net(nn.Module):
             maps.append(x)
         return maps
 
+    def head(self, maps):
+        """Logits from the stage maps (the last one): pool, then fc."""
+        return self.fc(self.pool(maps[-1]))
+
     def forward(self, x):
-        return self.fc(self.pool(self.features(x)[-1]))
+        return self.head(self.features(x))
 
 
 def _conv_bn(cin, cout, k, stride=1, groups=1, bias=False):
@@ -508,6 +526,27 @@ def build_backbone(arch, num_classes):
     return net
 
 
+def network_archs(args, count):
+    """The backbone of each of a method's separate networks: --arch a (every network; their number
+    is args.<count>) or --arch a,b,... (one each; the list sets args.<count>, in place, so that
+    config.json records it; a --<count> given with another value is an error)."""
+    archs, flag = args.arch.split(","), "--" + count.replace("_", "-")
+    if len(archs) == 1:
+        return archs * getattr(args, count)
+    default = {f.name: f.default for f in dataclasses.fields(args)}[count]
+    if getattr(args, count) not in (default, len(archs)):
+        fail(f"--arch {args.arch!r} names {len(archs)} networks but {flag} is "
+             f"{getattr(args, count)}; leave {flag} out or make them agree")
+    setattr(args, count, len(archs))
+    return archs
+
+
+def peer_names(nets, prefix="peer"):
+    """peer1, peer2, ...; networks of different backbones carry theirs: peer1_resnet32, ..."""
+    archs = [getattr(net, "arch", None) for net in nets]
+    return [f"{prefix}{k + 1}" + (f"_{a}" if len(set(archs)) > 1 else "") for k, a in enumerate(archs)]
+
+
 def num_params(module):
     """Trainable parameters (BN running buffers excluded), the count the tests pin and
     docs/backbones.md reports."""
@@ -815,6 +854,18 @@ def set_lr(run, optimizers, epoch):
     return first
 
 
+@contextmanager
+def eval_mode(module):
+    """The block runs `module` in evaluation mode (BN uses and keeps its running statistics); its
+    mode is restored after."""
+    mode = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(mode)
+
+
 def fp32_region(x):
     """`with fp32_region(x):` autocast off for x's device type: matmul, einsum, bmm and Linear
     inside run in float32 on float32 inputs. CUDA autocast lowers those ops to bf16 whatever their
@@ -923,6 +974,7 @@ def setup(args, method):
     only when training starts (fit): bad data, an error or Ctrl-C before that leaves no folder."""
     check_args(args)
     apply_recipe(args)  # section 6: --recipe sets the flags left at their defaults (in place)
+    apply_preset(args)  # a method's --preset (ONE's one-official) sets its flags (in place)
     device = pick_device(args.device)
     device = dist_setup(args, device)  # section 6: under torchrun, join the process group
     for name in args.arch.split(","):  # a list (one backbone per network) where a method allows it
@@ -1315,10 +1367,6 @@ def check_beyond_cifar(args):
     if args.dataset != "folder" and args.loader == "stream":
         fail(f"--loader stream reads an image folder (--dataset folder), not --dataset "
              f"{args.dataset}")
-    if not args.memory_budget_gb > 0:
-        fail(f"--memory-budget-gb must be positive, got {args.memory_budget_gb}")
-    if args.lr_warmup_epochs < 0:
-        fail(f"--lr-warmup-epochs must be >= 0 (0 = off), got {args.lr_warmup_epochs}")
 
 
 def apply_recipe(args):

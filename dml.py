@@ -32,7 +32,6 @@ Published: CIFAR-100 ResNet-32 pair 71.19 / 70.75 % (DML paper Table 2, unverifi
 PCL Table 1-2 DML column (error %): 6.06 +- 0.07 (CIFAR-10), 26.32 +- 0.14 (CIFAR-100), T and K not stated.
 """
 # ===== 1. Imports =====
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -49,28 +48,17 @@ class Args(common.TrainArgs):
     """DML: K peers, each trained with CE + KL from its detached peers."""
     arch: str = arg("resnet32", f"backbone of every peer, or one per peer: resnet32,wrn16_2 (K = "
                                 f"the number of names); choices: {', '.join(common.BACKBONES)}")
-    num_peers: int = arg(2, "K: number of peer networks (paper: 2)")
-    temperature: float = arg(1.0, "T: softmax temperature of the mimicry KL, scaled by T^2 (paper: 1)")
+    num_peers: int = arg(2, "K: number of peer networks (paper: 2)", at_least=2)
+    temperature: float = arg(1.0, "T: temperature of the mimicry KL (scaled by T^2; paper: 1)", above=0)
     update: str = arg("joint", "joint: one step for all peers; sequential: paper Algorithm 1",
                       choices=["joint", "sequential"])
-
-
-def resolve(args):
-    """--arch a,b,...: one backbone per peer, K = the number of names (--num-peers must agree)."""
-    archs = args.arch.split(",")
-    if len(archs) > 1 and args.num_peers not in (2, len(archs)):  # 2: the default, i.e. not given
-        common.fail(f"--arch {args.arch!r} names {len(archs)} peers but --num-peers is "
-                    f"{args.num_peers}; leave --num-peers out or make them agree")
-    return dataclasses.replace(args, num_peers=len(archs)) if len(archs) > 1 else args
 
 
 # ===== 3. Model =====
 def build_model(args, num_classes):
     # ALGO: K separately built (so separately initialised) networks; nothing shared. Backbones may
     # be mixed: the peers meet only through their logits.
-    archs = args.arch.split(",") if "," in args.arch else [args.arch] * args.num_peers
-    if len(archs) < 2:
-        common.fail(f"--num-peers must be at least 2, got {args.num_peers}")
+    archs = common.network_archs(args, "num_peers")  # a list of names sets K
     return nn.ModuleList(common.build_backbone(arch, num_classes) for arch in archs)
 
 
@@ -129,17 +117,11 @@ def train_step(model, optimizers, x, y, epoch, step, run):
 
 
 # ===== 6. Evaluate =====
-def peer_names(model):
-    """peer1, peer2, ...; peers of different backbones carry its name: peer1_resnet32, ..."""
-    archs = [getattr(net, "arch", None) for net in model]
-    return [f"peer{k + 1}" + (f"_{a}" if len(set(archs)) > 1 else "") for k, a in enumerate(archs)]
-
-
 def evaluate(model, x):
     # ===== BEGIN ALGO: evaluate =====
     logits = torch.stack([net(x) for net in model])  # (K, B, C)
     # Every peer, and the ensemble = argmax of the mean of the peers' logits (costs K x at inference).
-    return {**dict(zip(peer_names(model), logits)), "ensemble": logits.float().mean(0)}
+    return {**dict(zip(common.peer_names(model), logits)), "ensemble": logits.float().mean(0)}
     # ===== END ALGO =====
 
 
@@ -150,11 +132,10 @@ def deployed_net(model, args):
 
 # ===== 7. Main =====
 def main(args):
-    args = resolve(args)
     run = common.setup(args, method="dml")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
-    names = peer_names(model)
+    names = common.peer_names(model)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed=names[0],
                       averages={"peer_avg": names}, show=["ce/peer1", "kd/peer1"],
                       deployed_net=deployed_net)

@@ -3,12 +3,11 @@
 S. Li, M. Lin, Y. Wang, Y. Wu, Y. Tian, L. Shao, R. Ji. "Distilling a Powerful Student Model via Online
 Knowledge Distillation". IEEE TNNLS 2022. arXiv:2103.14473. Official code: github.com/SJLeo/FFSD.
 
-M "common students" learn from each other as in DML (T = 2), and each student k >= 1 is pushed to look at
-other image regions than student k-1 (diversity enhancement on attention maps). A fusion module encodes the
-concatenated last-stage maps of the students into one fused map with its own classifier. A third network of
-the same architecture, the "leader", learns from the fusion classifier's logits, mimics the fused map and
-decodes its own map back to the students' concatenation. Self-distillation (SD) modules map a last-stage map
-back to the shallower stages so the deep targets also supervise shallow layers. Only the leader is deployed.
+M "common students" learn from each other as in DML; each student k >= 1 is pushed to attend to other
+regions than student k-1 (diversity on attention maps). A fusion module turns the students' last-stage
+maps into a fused map with its own classifier. The "leader" (one more network, same backbone) learns from
+that classifier, mimics the fused map and decodes its own map back to the students' maps. Self-distillation
+(SD) modules map a last-stage map back to the shallower stages. Only the leader is deployed.
 
 Objective (symbols lost in the paper text; forms from the official code). A(F) = channel-mean of F^2,
 D(u, v) = mean over batch and positions of (u/||u|| - v/||v||)^2, KD_T(t -> s) = T^2 KL(p_t^T || p_s^T),
@@ -26,32 +25,25 @@ G_k: SD module of student k >= 1 (none for student 0); G_ld: the leader's; R: th
 Differences from baseline.py:
     1. Three kinds of trained parts: M common students and a leader (full backbones, nothing shared), the
        fusion module, the leader's decoder R, and M SD modules (students 1..M-1 and the leader).
-    2. Stage maps are read with Net.features(x) (ResNet taps 16x32x32, 32x16x16, 64x8x8).
-    3. The loss is the sum of the students', the fusion module's, the leader's and the SD modules' losses;
-       lambda_div, lambda_fusion and lambda_sd are warmed up over the first 5 epochs.
-    4. Six optimisers for M = 2 (student SGDs, leader+R SGD, fusion SGD with wd 1e-5, SD Adams).
-    5. FFSD's own recipe: weight decay 1e-4 and reflect padding (the other scripts use 5e-4 and zeros).
-    6. Evaluation reports each student, their mean, their averaged-logit ensemble, the fusion classifier
-       and the leader; the leader is deployed.
+    2. The loss is the sum of the students', the fusion module's, the leader's and the SD modules' losses.
+    3. Six optimisers for M = 2 (student SGDs, leader+R SGD, fusion SGD with wd 1e-5, SD Adams).
+    4. FFSD's own recipe: weight decay 1e-4 and reflect padding (the other scripts use 5e-4 and zeros).
+    5. Evaluation reports each student, their mean and logit-mean ensemble, the fusion classifier and
+       the leader (deployed).
 
 Deviations from the official code (SJLeo/FFSD, CIFARTrainer.py):
-    1. One summed backward pass, then every optimiser steps. The code runs one backward per network in the
-       order students -> fusion -> leader -> SD modules; because every cross-network target and the fusion
-       input are detached and the parameter sets are disjoint, each parameter gets exactly the same gradient.
-       SD teachers are still computed with the weights from before this iteration's SD update, as in the code.
+    1. One summed backward, then every optimiser steps (the code: one backward per network, students ->
+       fusion -> leader -> SD modules). Same gradients: all cross-network targets and the fusion input are
+       detached, the parameter sets disjoint. SD teachers use the pre-update SD weights, as in the code.
     2. "ensemble" is the arg-max of the mean of the students' logits, not the code's "any student correct"
        oracle; 300 epochs instead of the code's 299; no dummy forward of student 0 at construction.
 Deviations from the paper text, where this file follows the official code:
-    3. Fusion-module weight decay 1e-5 (--fusion-wd); the paper gives the fusion module the
-       students' "same implementation details", i.e. 1e-4.
-    4. lambda_div, lambda_fusion and lambda_sd warm up over epochs 1-5 (--warmup-epochs; the paper
-       has no warm-up).
-    5. No SD module on the first common student (it has no diversity target); the paper equips each
-       student with one.
+    3. Fusion-module weight decay 1e-5 (--fusion-wd; the paper's "same implementation details": 1e-4).
+    4. lambda_div, lambda_fusion and lambda_sd warm up over epochs 1-5 (--warmup-epochs; none in the paper).
+    5. No SD module on the first common student (no diversity target); the paper gives each student one.
     6. Eq. 10's weight balancing its whole-map and attention terms is fixed at 1.
-    7. Every distance the paper writes as an l_p norm (its symbols are lost) is D, the mean squared
-       difference of per-sample L2-normalised maps: on attention maps (whole maps in Eq. 10's first
-       term).
+    7. Every distance the paper writes as an l_p norm (its symbols are lost) is D, the mean squared difference
+       of per-sample L2-normalised maps: attention maps (whole maps in Eq. 10's first term).
 
 Run:
     python ffsd.py --arch resnet32 --dataset cifar100                     # FFSD's own recipe, GPU
@@ -79,12 +71,13 @@ class Args(common.TrainArgs):
                                     "Adam (FFSD Sec. IV-A: 1e-4)")
     pad_mode: str = arg("reflect", "random-crop padding (4 pixels): zero or reflect (FFSD code: reflect)",
                         choices=["zero", "reflect"])
-    num_students: int = arg(2, "M: number of common students (paper: 2); the leader is one more network")
-    temperature: float = arg(2.0, "T (Eqs. 1-4): softmax temperature of every KL, scaled by T^2 (paper: 2)")
+    num_students: int = arg(2, "M: common students (paper: 2); the leader is one more", at_least=2)
+    temperature: float = arg(2.0, "T (Eqs. 1-4): every KL's temperature (scaled by T^2; paper: 2)", above=0)
     lambda_div: float = arg(1e-5, "lambda_div (Eqs. 9, 11-12): weight of the diversity and student SD terms")
     lambda_fusion: float = arg(10.0, "lambda_fusion (Eqs. 5, 13-14): weight of the leader's 3 feature terms")
     lambda_sd: float = arg(1000.0, "lambda_sd (Eq. 10): weight of the SD modules' own training loss")
-    warmup_epochs: int = arg(5, "lambda_* ramp as exp(-5 (1 - e/W)^2) over epochs e = 1..W (0 = off)")
+    warmup_epochs: int = arg(5, "lambda_* x exp(-5 (1 - e/W)^2) over epochs e = 1..W (0 = off)",
+                             at_least=0)
     fusion_wd: float = arg(1e-5, "weight decay of the fusion module's SGD (official code: 1e-5)")
     sd_lr: float = arg(1e-3, "Adam learning rate of the SD modules (Sec. IV-A), decayed with the schedule")
 
@@ -172,11 +165,10 @@ class SelfDistillation(nn.Module):
             for cin, cout, s_in, s_out in zip(widths[:0:-1], widths[-2::-1], sizes[:0:-1], sizes[-2::-1]))
 
     def forward(self, x):
-        maps = []
+        maps = [x]
         for block in self.blocks:
-            x = block(x)
-            maps.append(x)
-        return maps[::-1]  # [G^1 (shallowest), ..., G^{L-1}]
+            maps.append(block(maps[-1]))
+        return maps[:0:-1]  # [G^1 (shallowest), ..., G^{L-1}]: input dropped, shallow first
 
 
 class FFSD(nn.Module):
@@ -190,9 +182,8 @@ class FFSD(nn.Module):
         self.students = nn.ModuleList(common.build_backbone(arch, num_classes) for _ in range(M))
         self.leader = common.build_backbone(arch, num_classes)
         widths, C = self.leader.widths, self.leader.widths[-1]
-        with torch.no_grad():  # BOILERPLATE: each stage's map side, from one eval-mode pass (no BN update)
-            sizes = [f.shape[-1] for f in self.leader.eval().features(torch.zeros(1, 3, 32, 32))]
-        self.leader.train()
+        with torch.no_grad(), common.eval_mode(self.leader):  # BOILERPLATE: each stage's map side
+            sizes = [f.shape[-1] for f in self.leader.features(torch.zeros(1, 3, 32, 32))]
         self.decoder = decoder(C, M)
         self.fusion = Fusion(C, M, num_classes)
         # ALGO: SD modules for students 1..M-1 and the leader only; student 0 has no diversity target.
@@ -200,19 +191,12 @@ class FFSD(nn.Module):
         self.sd_leader = SelfDistillation(widths, sizes)
 
     @staticmethod
-    def _head(net, maps):
-        return net.fc(net.pool(maps[-1]))  # (B, num_classes), as Net.forward
-
-    @staticmethod
     @torch.no_grad()
     def _teach(sd, x):
         # ALGO: an SD module as a teacher: eval-mode BN (running statistics untouched) and no gradient,
         # so its outputs are detached targets and the student/leader losses never reach its weights.
-        mode = sd.training
-        sd.eval()
-        maps = sd(x)
-        sd.train(mode)
-        return maps
+        with common.eval_mode(sd):
+            return sd(x)
 
     def forward(self, x):
         """Every tensor the losses need, for one batch x (B, 3, 32, 32) shared by all networks (the
@@ -220,12 +204,12 @@ class FFSD(nn.Module):
         M = len(self.students)
         feats_ld = self.leader.features(x)  # [F_ld^1, ..., F_ld^L]
         feats = [net.features(x) for net in self.students]  # M lists of L maps
-        z = torch.stack([self._head(net, f) for net, f in zip(self.students, feats)])  # (M, B, classes)
+        z = torch.stack([net.head(f) for net, f in zip(self.students, feats)])  # (M, B, classes)
         # ALGO: Sec. III-B: concat of the students' DETACHED last maps, so the fusion loss never reaches them.
         concat = torch.cat([f[-1].detach() for f in feats], dim=1)  # (B, M*C, H, W)
         fused, z_f = self.fusion(concat)  # (B, C, H, W), (B, classes)
         return {
-            "z": z, "feats": feats, "z_ld": self._head(self.leader, feats_ld), "feats_ld": feats_ld,
+            "z": z, "feats": feats, "z_ld": self.leader.head(feats_ld), "feats_ld": feats_ld,
             "recon": self.decoder(feats_ld[-1]),  # R(F_ld^L): (B, M*C, H, W)
             "concat": concat, "fused": fused, "z_f": z_f,
             # ALGO: Eq. 11: G_k on student k-1's diversity-shifted map: targets for k's shallow stages.
@@ -240,8 +224,6 @@ class FFSD(nn.Module):
 
 
 def build_model(args, num_classes):
-    if args.num_students < 2:
-        common.fail(f"--num-students must be at least 2, got {args.num_students}")
     return FFSD(args.arch, num_classes, args.num_students)
 
 
@@ -259,12 +241,6 @@ def build_optimizers(model, args):
 
 
 # ===== 4. Loss =====
-def warmup(epoch, args):
-    """w(e) = exp(-5 (1 - e/W)^2) for the 1-based epoch e <= W, else 1 (official `lambda_warmup`): x0.041,
-    0.165, 0.449, 0.819, 1.0 over epochs 1-5. fit's epoch is 0-based, hence epoch + 1."""
-    return common.sigmoid_rampup(epoch + 1, args.warmup_epochs)
-
-
 def student_loss(out, y, k, args, w):
     """Common student k (0-based). Returns (L_k, logs); logged terms carry their weights."""
     # ===== BEGIN ALGO: student loss =====
@@ -348,10 +324,12 @@ def ffsd_loss(out, y, args, w):
 # ===== 5. Train step =====
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
+    # ALGO: the lambdas' warm-up, official `lambda_warmup`: exp(-5 (1 - e/W)^2) at the 1-based epoch
+    # e = epoch + 1 <= W, then 1: x0.041, 0.165, 0.449, 0.819, 1.0 over epochs 1-5.
+    w = run.scalar("warmup", common.sigmoid_rampup(epoch + 1, run.args.warmup_epochs))  # 0-d tensor
     with run.autocast():
         out = model(x)  # every network on the same batch; SD teachers use the pre-update SD weights
-        # the lambdas' warm-up factor as a 0-d device tensor (Run.scalar): no number baked in
-        loss, logs = ffsd_loss(out, y, run.args, run.scalar("warmup", warmup(epoch, run.args)))
+        loss, logs = ffsd_loss(out, y, run.args, w)
     for opt in optimizers.values():
         opt.zero_grad(set_to_none=True)
     # NOTE(deviation): one summed backward, not one per network as in the official code; every
@@ -367,7 +345,7 @@ def train_step(model, optimizers, x, y, epoch, step, run):
 def evaluate(model, x):
     # ===== BEGIN ALGO: evaluate =====
     feats = [net.features(x) for net in model.students]
-    z = torch.stack([model._head(net, f) for net, f in zip(model.students, feats)])  # (M, B, classes)
+    z = torch.stack([net.head(f) for net, f in zip(model.students, feats)])  # (M, B, classes)
     _, z_f = model.fusion(torch.cat([f[-1] for f in feats], dim=1))
     # The leader is deployed (one backbone). The rest are labelled secondary models: each student, the
     # ensemble and the fusion classifier (needs every student at test time).

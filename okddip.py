@@ -19,17 +19,13 @@ pooled peer features h_a, leader logits z_L:
         + w(e) * [ sum_a KD_T(t_a -> z_a) + KD_T(mean_a z_a -> z_L) ]
 KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch; T = 3;
 w(e) = exp(-5 (1 - min(e, 80)/80)^2) at the 0-based epoch e, the same w on both levels; sums over peers.
-NOTHING is detached: W_q and W_k appear only inside the targets t_a, so the KD term through the
-undetached targets is their only source of gradient (detaching t_a would freeze the attention at its
-random initialisation).
+NOTHING is detached: W_q, W_k act only through the targets t_a, whose KD term is their only gradient source
+(detaching t_a would freeze the attention at its random initialisation).
 
 Differences from baseline.py:
-    1. The model is a shared trunk (stem + stages 1-2) with m + 1 branches (stage 3 + pool + Linear each,
-       their own weights; --num-peers m = 3, plus the leader) and the attention projections W_q, W_k.
-    2. The loss adds the ramped-up first-level KD (attention targets -> each peer) and second-level KD
-       (peer mean -> leader) (--temperature 3, --rampup-epochs 80).
-    3. Evaluation reports every peer, the mean-logit peer ensemble, the peer mean and the leader; the leader
-       (trunk + last branch, the plain backbone's size) is deployed.
+    1. A shared trunk (MultiBranch) with m + 1 branches (--num-peers m, plus the leader) and W_q, W_k.
+    2. The loss adds w(e) x [first-level KD (t_a -> peer a) + second-level KD (peer mean -> leader)].
+    3. Evaluation reports every peer, their mean-logit ensemble, the peer mean and the leader (deployed).
 
 Deviations: none from the official code in the algorithm (no 1e-7 added to the target probabilities, which
 is negligible). --exclude-self (off by default) masks a peer out of its own target, as the abstract's
@@ -56,11 +52,12 @@ from common import arg
 @dataclass
 class Args(common.TrainArgs):
     """OKDDip: m auxiliary peers with attention-mixed targets, their mean distilled into a leader."""
-    num_peers: int = arg(3, "m: number of auxiliary peers; the leader is one more branch (official: 3 + 1)")
-    temperature: float = arg(3.0, "T: softmax temperature of both KD levels, scaled by T^2 (official: 3)")
-    rampup_epochs: int = arg(80, "ramp-up length in epochs of the KD weight w(e), both levels "
-                                 "(official: 80; 0 = w is 1)")
-    exclude_self: bool = arg(False, "mask each peer out of its own attention target (official: included)")
+    num_peers: int = arg(3, "m: auxiliary peers; the leader is one more branch (official: 3 + 1)",
+                         at_least=2)
+    temperature: float = arg(3.0, "T: both KD levels' temperature (scaled by T^2; official: 3)", above=0)
+    rampup_epochs: int = arg(80, "epochs of the KD weight's ramp-up w(e), both levels (official: 80; "
+                                 "0 = none)", at_least=0)
+    exclude_self: bool = arg(False, "mask each peer out of its own attention target (official: no)")
 
 
 # ===== 3. Model =====
@@ -100,8 +97,6 @@ class OKDDip(nn.Module):
 
 def build_model(args, num_classes):
     # ALGO: one trunk shared once, m + 1 branches with their own weights (each a fresh backbone's).
-    if args.num_peers < 2:
-        common.fail(f"--num-peers must be at least 2, got {args.num_peers}")
     return OKDDip(args.arch, num_classes, args.num_peers, args.exclude_self)
 
 
@@ -141,9 +136,8 @@ def okddip_loss(logits, A, y, w, args):
     ce_l, kd_l = F.cross_entropy(leader.float(), y), common.kd_loss(leader, peers.float().mean(0), T)
     # ALGO: L = sum_a (CE_a + w KD_a) + CE_L + w KD_L: sums over peers, one w for both levels.
     loss = loss + ce_l + w * kd_l
-    w_log = torch.as_tensor(w, dtype=torch.float32, device=ce_l.device)  # a device tensor w: itself
     return loss, {"loss": loss.detach(), **logs, "ce/leader": ce_l.detach(), "kd/leader": kd_l.detach(),
-                  "w": w_log.detach()}
+                  "w": torch.as_tensor(w)}
     # ===== END ALGO =====
 
 

@@ -41,7 +41,6 @@ FFSD Table II quotes ONE ResNet-32 CIFAR-100 as 73.39 % accuracy); PCL Tables 1-
 (CIFAR-10), 26.21 +- 0.41 (CIFAR-100).
 """
 # ===== 1. Imports =====
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -56,18 +55,13 @@ from common import arg
 @dataclass
 class Args(common.TrainArgs):
     """ONE: shared trunk, m branches, a gated on-the-fly teacher distilled into every branch."""
-    num_branches: int = arg(3, "m: number of branches (official code: 3)")
-    temperature: float = arg(3.0, "T: softmax temperature of the KD term, scaled by T^2 (official: 3)")
-    rampup_epochs: int = arg(80, "ramp-up length in epochs of the KD weight w(e) (official: 80; 0 = w is 1)")
+    num_branches: int = arg(3, "m: number of branches (official code: 3)", at_least=1)
+    temperature: float = arg(3.0, "T: temperature of the KD term (scaled by T^2; official: 3)", above=0)
+    rampup_epochs: int = arg(80, "epochs of the KD weight's ramp-up w(e) (official: 80; 0 = none)",
+                             at_least=0)
     preset: str = arg("none", "one-official: the official scripts' optimiser, weight decay 1e-4 and "
                               "no Nesterov", choices=["none", "one-official"])
-
-
-def resolve(args):
-    """Derived values, in one spot: the preset overrides the optimiser flags it names."""
-    if args.preset == "one-official":
-        args = dataclasses.replace(args, weight_decay=1e-4, nesterov=False)
-    return args
+    PRESETS = {"one-official": {"weight_decay": 1e-4, "nesterov": False}}  # common.setup applies it
 
 
 # ===== 3. Model =====
@@ -100,8 +94,6 @@ class ONE(nn.Module):
 
 def build_model(args, num_classes):
     # ALGO: one trunk shared once, m branches with their own weights (each from a freshly built backbone).
-    if args.num_branches < 1:
-        common.fail(f"--num-branches must be at least 1, got {args.num_branches}")
     return ONE(args.arch, num_classes, args.num_branches)
 
 
@@ -129,8 +121,7 @@ def one_loss(logits, z_e, y, w, args):
         logs[f"ce/branch{i + 1}"], logs[f"kd/branch{i + 1}"] = ce.detach(), kd.detach()
     # ALGO: L = sum_i CE_i + CE_e + w(e) * sum_i KD_i (plain sums, all weights 1).
     loss = loss + ce_e
-    w_log = torch.as_tensor(w, dtype=torch.float32, device=ce_e.device)  # a device tensor w: itself
-    return loss, {"loss": loss.detach(), **logs, "ce/one_e": ce_e.detach(), "w": w_log.detach()}
+    return loss, {"loss": loss.detach(), **logs, "ce/one_e": ce_e.detach(), "w": torch.as_tensor(w)}
     # ===== END ALGO =====
 
 
@@ -167,7 +158,6 @@ def deployed_net(model, args):
 
 # ===== 7. Main =====
 def main(args):
-    args = resolve(args)
     run = common.setup(args, method="one")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)

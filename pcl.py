@@ -22,14 +22,11 @@ presentation writes phi(g) = min(1 - 1/g, beta) and labels g the epoch; counting
 re-implementation's (mean-teacher) reading, the only one under which beta = 0.999 ever binds.
 
 Differences from baseline.py:
-    1. The model is a student (shared trunk + m peers, MultiBranch, + ensemble head Linear(m*D -> C)) and
-       its temporal-mean copy; only the student is in the optimiser.
+    1. A student (MultiBranch: trunk + m peers; ensemble head Linear(m*D -> C)) and its temporal mean.
     2. m independently augmented views per batch (fit(..., views=m)); the trunk runs once per view.
-    3. The loss adds the ensemble CE and, with the ramp-up weight w(e), ensemble->peer and
-       mean-teacher->peer distillation (--temperature T = 3, --rampup-epochs 80).
+    3. The loss adds CE(z_e) and the w(e)-weighted KD terms L_pe and L_pm (--temperature, --rampup-epochs).
     4. After each optimiser step the mean model takes an EMA step (--ema-decay beta).
-    5. Evaluation reports the peers, the ensemble head, the temporal-mean peers and their logit mean (PCL-E);
-       the temporal-mean peer 1 is deployed (test_acc).
+    5. Evaluation reports the peers, the ensemble head, the temporal-mean peers (mt_peer1 deployed), PCL-E.
 
 Deviations: the temporal-mean model runs in train mode while producing targets, so its BN statistics are
 its own (not averaged, not copied), as in the mean-teacher code; phi counts optimiser steps, not epochs
@@ -58,13 +55,13 @@ from common import arg
 @dataclass
 class Args(common.TrainArgs):
     """PCL: peers with their own views, a feature-fusion ensemble teacher and a temporal-mean teacher."""
-    num_peers: int = arg(3, "m: number of peers (trunk branches), each with its own view (paper: 3)")
-    temperature: float = arg(3.0, "T: softmax temperature of both KD terms, scaled by T^2 "
-                                  "(re-implementation: 3)")
-    rampup_epochs: int = arg(80, "alpha: epochs of the sigmoid ramp-up w(e) of the KD terms (0 = no ramp-up)")
+    num_peers: int = arg(3, "m: peers (trunk branches), each on its own view (paper: 3)", at_least=2)
+    temperature: float = arg(3.0, "T: temperature of both KD terms (scaled by T^2; re-implementation: 3)",
+                             above=0)
+    rampup_epochs: int = arg(80, "alpha: epochs of the KD terms' ramp-up w(e) (0 = none)", at_least=0)
     ema_decay: float = arg(0.999, "beta: cap of the EMA decay phi(g) = min(1 - 1/(g+1), beta) "
-                                  "(re-implementation: 0.999)")
-    ema_per_epoch: bool = arg(False, "g counts epochs: one EMA update per epoch end (default: every step)")
+                                  "(re-implementation: 0.999)", at_least=0, at_most=1)
+    ema_per_epoch: bool = arg(False, "g counts epochs: one EMA update per epoch end (default: steps)")
 
 
 # ===== 3. Model =====
@@ -100,14 +97,6 @@ class PCL(nn.Module):
 
 
 def build_model(args, num_classes):
-    if args.num_peers < 2:
-        common.fail(f"--num-peers must be at least 2 (L_pm averages over the other m-1 peers), "
-                    f"got {args.num_peers}")
-    if not 0.0 <= args.ema_decay <= 1.0:
-        common.fail(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
-    if args.temperature <= 0 or args.rampup_epochs < 0:
-        common.fail(f"--temperature must be > 0 and --rampup-epochs >= 0, got {args.temperature}, "
-                    f"{args.rampup_epochs}")
     return PCL(args.arch, num_classes, args.num_peers)
 
 
@@ -166,25 +155,24 @@ def ema_update(mean, student, phi):
 
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
-    args = run.args
     # ALGO: both KD terms' ramp-up weight, per 0-based epoch: w(0) = 0.0067, w(40) = 0.287, w(80) = 1.
-    w = run.scalar("w", common.sigmoid_rampup(epoch, args.rampup_epochs))  # 0-d device tensor
+    w = run.scalar("w", common.sigmoid_rampup(epoch, run.args.rampup_epochs))  # 0-d device tensor
     with run.autocast():
         logits, ens_logits = model.student(x)  # (m, B, C), (B, C); x = [x_1..x_m], peer j on x_j
         with torch.no_grad():
             # ALGO: z'_k = temporal-mean peer k on ITS OWN view x_k. The mean model is in train mode
             # (fit calls model.train()): batch statistics, and its BN buffers track its own activations.
             mean_logits, _ = model.mean(x)  # (m, B, C)
-        loss, logs = pcl_loss(logits, ens_logits, mean_logits, y, w, args)
+        loss, logs = pcl_loss(logits, ens_logits, mean_logits, y, w, run.args)
     optimizers["sgd"].zero_grad(set_to_none=True)
     loss.backward()
     optimizers["sgd"].step()
     # ALGO: temporal mean after every optimiser step, g = the 0-based global step (so --resume stays exact).
-    if not args.ema_per_epoch:
-        ema_update(model.mean, model.student, run.scalar("phi", ema_decay(step, args.ema_decay)))
+    if not run.args.ema_per_epoch:
+        ema_update(model.mean, model.student, run.scalar("phi", ema_decay(step, run.args.ema_decay)))
     elif (step + 1) % run.steps_per_epoch == 0:
         # NOTE(deviation): the presentation's "g = epoch" reading: one update at each epoch end, g = epoch.
-        ema_update(model.mean, model.student, run.scalar("phi", ema_decay(epoch, args.ema_decay)))
+        ema_update(model.mean, model.student, run.scalar("phi", ema_decay(epoch, run.args.ema_decay)))
     return logs
     # ===== END ALGO =====
 

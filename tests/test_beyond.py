@@ -134,7 +134,7 @@ class TestFolderAnySize(unittest.TestCase):
         cases = ((dict(image_size=48), "--image-size must be 0 (the data's own size) or a"),
                  (dict(image_size=64, dataset="cifar10"), "--image-size 64: cifar10 images are"),
                  (dict(loader="stream", dataset="fake"), "--loader stream reads an image folder"),
-                 (dict(lr_warmup_epochs=-1), "--lr-warmup-epochs must be >= 0"))
+                 (dict(lr_warmup_epochs=-1), "--lr-warmup-epochs must be at least 0, got -1"))
         for kw, needle in cases:
             with self.subTest(**kw), self.assertRaises(SystemExit) as e:
                 common.check_args(common.TrainArgs(**kw))

@@ -167,6 +167,36 @@ class TestBackbones(unittest.TestCase):
         self.assertEqual([tuple(m.shape[1:]) for m in maps], [(16, 32, 32), (32, 16, 16), (64, 8, 8)])
         self.assertEqual([m.shape[1] for m in maps], net.widths)
         self.assertEqual(tuple(net(x).shape), (2, 100))
+        net.eval()  # head(features) is forward, split in two
+        self.assertTrue(torch.equal(net.head(net.features(x)), net(x)))
+
+    def test_eval_mode_keeps_bn_statistics_and_restores_the_mode(self):
+        net = common.build_backbone("resnet8", 10)
+        stats = net.stem[1].running_mean.clone()
+        with torch.no_grad(), common.eval_mode(net):
+            self.assertFalse(net.training)
+            net(torch.randn(4, 3, 32, 32) + 5)
+        self.assertTrue(net.training)
+        self.assertTrue(torch.equal(net.stem[1].running_mean, stats))  # eval BN: no update
+        net.eval()
+        with self.assertRaises(ZeroDivisionError), common.eval_mode(net):
+            1 / 0
+        self.assertFalse(net.training)  # the mode it had, also after an error
+
+    def test_network_archs_and_peer_names(self):
+        @dataclasses.dataclass
+        class Args(common.TrainArgs):
+            num_nets: int = common.arg(2, "networks")
+        self.assertEqual(common.network_archs(Args(arch="resnet8", num_nets=3), "num_nets"), ["resnet8"] * 3)
+        args = Args(arch="resnet8,wrn16_2,resnet8")
+        self.assertEqual(common.network_archs(args, "num_nets"), ["resnet8", "wrn16_2", "resnet8"])
+        self.assertEqual(args.num_nets, 3)  # the list sets the count (in place: config.json records it)
+        with self.assertRaises(SystemExit) as cm:
+            common.network_archs(Args(arch="resnet8,wrn16_2", num_nets=3), "num_nets")
+        self.assertIn("names 2 networks but --num-nets is 3", str(cm.exception))
+        nets = [common.build_backbone(a, 10) for a in ("resnet8", "wrn16_2")]
+        self.assertEqual(common.peer_names(nets, "student"), ["student1_resnet8", "student2_wrn16_2"])
+        self.assertEqual(common.peer_names(nets[:1] * 2), ["peer1", "peer2"])
 
     def test_resnet110_is_the_bottleneck_variant(self):
         net = common.build_backbone("resnet110", 10)
@@ -290,6 +320,19 @@ class TestCLIAndStructure(unittest.TestCase):
     def test_parse_args_types_and_bools(self):
         a = common.parse_args(common.TrainArgs, ["--epochs", "7", "--no-nesterov", "--lr", "0.05"])
         self.assertEqual((a.epochs, a.nesterov, a.lr), (7, False, 0.05))
+
+    def test_bounds_declared_on_the_field(self):
+        @dataclasses.dataclass
+        class Args(common.TrainArgs):
+            beta: float = common.arg(0.5, "a fraction", at_least=0, at_most=1)
+            temp: float = common.arg(1.0, "a temperature", above=0)
+        for kw, msg in ((dict(beta=-0.1), "--beta must be at least 0, got -0.1"),
+                        (dict(beta=1.5), "--beta must be at most 1, got 1.5"),
+                        (dict(temp=0.0), "--temp must be above 0, got 0.0")):
+            with self.subTest(**kw), self.assertRaises(SystemExit) as cm:
+                common.parse_args(Args, [f"--{k}={v}" for k, v in kw.items()])
+            self.assertEqual(str(cm.exception), "error: " + msg)
+        self.assertEqual(common.check_args(Args(beta=1.0, temp=1e-9)).beta, 1.0)  # bounds inclusive
 
     def test_method_files_share_the_skeleton(self):
         banners = ["1. Imports", "2. Args", "3. Model", "4. Loss", "5. Train step", "6. Evaluate", "7. Main"]

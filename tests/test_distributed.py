@@ -59,7 +59,7 @@ def loss_of(name, model, x, y, epoch, args):
     if name == "baseline":
         return method.baseline_loss(model(x), y, args)[0]
     if name == "ffsd":
-        return method.ffsd_loss(model(x), y, args, method.warmup(epoch, args))[0]
+        return method.ffsd_loss(model(x), y, args, common.sigmoid_rampup(epoch + 1, args.warmup_epochs))[0]
     logits, ens = model.student(x)  # pcl: x = the list of views
     with torch.no_grad():
         mean_logits, _ = model.mean(x)

@@ -150,19 +150,20 @@ class TestDMLMixedPeers(unittest.TestCase):
         self.assertEqual([net.arch for net in model], ["resnet8", "wrn16_2"])
         self.assertEqual([common.num_params(net) for net in model],
                          [common.num_params(common.resnet8(10)), 692_810])
-        self.assertEqual(dml.peer_names(model), ["peer1_resnet8", "peer2_wrn16_2"])
-        self.assertEqual(dml.peer_names(dml.build_model(dml.Args(arch="resnet8", num_peers=3), 10)),
+        self.assertEqual(common.peer_names(model), ["peer1_resnet8", "peer2_wrn16_2"])
+        self.assertEqual(common.peer_names(dml.build_model(dml.Args(arch="resnet8", num_peers=3), 10)),
                          ["peer1", "peer2", "peer3"])  # one backbone: the names of before
 
     def test_the_list_sets_K_and_a_conflicting_num_peers_is_an_error(self):
         three = "resnet8,resnet20,wrn16_2"
-        self.assertEqual(dml.resolve(dml.Args(arch=three)).num_peers, 3)
-        self.assertEqual(dml.resolve(dml.Args(arch=three, num_peers=3)).num_peers, 3)
-        self.assertEqual(dml.resolve(dml.Args(arch="resnet8", num_peers=4)).num_peers, 4)
+        for args, K in ((dml.Args(arch=three), 3), (dml.Args(arch=three, num_peers=3), 3),
+                        (dml.Args(arch="resnet8", num_peers=4), 4)):
+            self.assertEqual(len(dml.build_model(args, 10)), K)
+            self.assertEqual(args.num_peers, K)  # what config.json records
         with self.assertRaises(SystemExit) as cm:
-            dml.resolve(dml.Args(arch="resnet8,resnet20", num_peers=3))
+            dml.build_model(dml.Args(arch="resnet8,resnet20", num_peers=3), 10)
         self.assertEqual(str(cm.exception.code),
-                         "error: --arch 'resnet8,resnet20' names 2 peers but --num-peers is 3; "
+                         "error: --arch 'resnet8,resnet20' names 2 networks but --num-peers is 3; "
                          "leave --num-peers out or make them agree")
 
     def test_loss_of_network_1_reaches_no_other_network(self):

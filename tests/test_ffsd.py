@@ -5,6 +5,7 @@ import math
 import os
 import re
 import unittest
+from unittest import mock
 
 import numpy as np
 import torch
@@ -141,11 +142,20 @@ class TestLossTerms(unittest.TestCase):
         self.assertEqual(len(logs), 1 + sum(len(p[1]) for p in parts))
 
     def test_warmup_values(self):
-        args = ffsd.Args()
-        got = [ffsd.warmup(e, args) for e in range(7)]  # fit's epochs are 0-based: epoch 0 is "epoch 1"
-        for g, want in zip(got, [0.041, 0.165, 0.449, 0.819, 1.0, 1.0, 1.0]):
+        """train_step hands ffsd_loss the warm-up factor of the 1-based epoch (fit's epoch 0 is
+        "epoch 1"): 0.041, 0.165, 0.449, 0.819, then 1; 1 from the start with --warmup-epochs 0."""
+        def seen(args, epochs):
+            got, run = [], fake_run(args, n=8)
+            def fake_loss(out, y, args, w):
+                got.append(w.item())
+                return torch.zeros((), requires_grad=True), {}
+            with mock.patch.object(ffsd, "ffsd_loss", fake_loss):
+                for e in epochs:
+                    ffsd.train_step(lambda x: None, {}, None, None, e, 0, run)
+            return got
+        for g, want in zip(seen(ffsd.Args(), range(7)), [0.041, 0.165, 0.449, 0.819, 1.0, 1.0, 1.0]):
             self.assertAlmostEqual(g, want, delta=5e-4)
-        self.assertEqual(ffsd.warmup(0, ffsd.Args(warmup_epochs=0)), 1.0)
+        self.assertEqual(seen(ffsd.Args(warmup_epochs=0), [0]), [1.0])
 
 
 class TestModel(unittest.TestCase):

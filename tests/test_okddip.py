@@ -249,8 +249,8 @@ class TestRun(unittest.TestCase):
         for flag in ("--num-peers", "--temperature", "--rampup-epochs", "--exclude-self", "--arch", "--epochs"):
             self.assertIn(flag, out.stdout)
         with self.assertRaises(SystemExit) as cm:
-            okddip.build_model(okddip.Args(num_peers=1), 10)
-        self.assertIn("--num-peers", str(cm.exception))
+            common.check_args(okddip.Args(num_peers=1))
+        self.assertEqual(str(cm.exception), "error: --num-peers must be at least 2, got 1")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 counts, a tiny run that learns, determinism and the CLI. Expected behaviour: ONE paper and official code
 (Lan1991Xu/ONE_NeurIPS2018); counts: docs/backbones.md."""
 import math
+import os
 import unittest
 
 import numpy as np
 import torch
 
 import helpers  # noqa: F401  (sys.path, one torch thread)
-from helpers import assert_parts_disjoint, batch, fake_run, np_ce, np_kd, np_softmax, run_script, three_steps, tiny
+from helpers import (assert_parts_disjoint, batch, fake_run, np_ce, np_kd, np_softmax, run_script, three_steps,
+                     tiny, tmpdir)
 
 import common
 import one
@@ -229,9 +231,13 @@ class TestRun(unittest.TestCase):
         a = one.Args()
         self.assertEqual((a.epochs, a.batch_size, a.lr, a.nesterov, a.weight_decay), (300, 128, 0.1, True, 5e-4))
         self.assertEqual([common.lr_factor(e, a) for e in (149, 150, 224, 225)], [1.0, 0.1, 0.1, 0.1 ** 2])
-        self.assertEqual(one.resolve(a), a)
-        off = one.resolve(one.Args(preset="one-official"))
+        self.assertEqual(common.apply_preset(one.Args()), a)  # no preset: nothing changes
+        off = common.apply_preset(one.Args(preset="one-official"))
         self.assertEqual((off.weight_decay, off.nesterov, off.temperature, off.rampup_epochs), (1e-4, False, 3.0, 80))
+        args = one.Args(preset="one-official", dataset="fake", subset=64, test_subset=20, device="cpu",
+                        out=os.path.join(tmpdir(self), "run"))
+        common.setup(args, "one")  # what the script calls: the preset lands in the args it trains with
+        self.assertEqual((args.weight_decay, args.nesterov), (1e-4, False))
         group = one.build_optimizers(model(m=2), off)["sgd"].param_groups[0]
         self.assertEqual((group["weight_decay"], group["nesterov"]), (1e-4, False))
 
@@ -241,8 +247,8 @@ class TestRun(unittest.TestCase):
         for flag in ("--num-branches", "--temperature", "--rampup-epochs", "--preset", "--arch", "--epochs"):
             self.assertIn(flag, out.stdout)
         with self.assertRaises(SystemExit) as cm:
-            one.build_model(one.Args(num_branches=0), 10)
-        self.assertIn("--num-branches", str(cm.exception))
+            common.check_args(one.Args(num_branches=0))
+        self.assertEqual(str(cm.exception), "error: --num-branches must be at least 1, got 0")
         with self.assertRaises(SystemExit) as cm:
             common.parse_args(one.Args, ["--preset", "bogus"])
         self.assertIn("one-official", str(cm.exception))

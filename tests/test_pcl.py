@@ -306,11 +306,14 @@ class TestModel(unittest.TestCase):
         self.assertEqual(common.sigmoid_rampup(200, a.rampup_epochs), 1.0)
 
     def test_bad_arguments_fail_in_one_line(self):
-        for kw in ({"num_peers": 1}, {"ema_decay": 1.5}, {"temperature": 0.0}):
-            with self.assertRaises(SystemExit) as cm:
-                pcl.build_model(pcl.Args(arch="resnet8", **kw), 10)
-            self.assertTrue(str(cm.exception).startswith("error: "))
-            self.assertNotIn("\n", str(cm.exception))
+        for kw, msg in (({"num_peers": 1}, "--num-peers must be at least 2, got 1"),
+                        ({"ema_decay": 1.5}, "--ema-decay must be at most 1, got 1.5"),
+                        ({"ema_decay": -0.1}, "--ema-decay must be at least 0, got -0.1"),
+                        ({"temperature": 0.0}, "--temperature must be above 0, got 0.0"),
+                        ({"rampup_epochs": -1}, "--rampup-epochs must be at least 0, got -1")):
+            with self.subTest(**kw), self.assertRaises(SystemExit) as cm:
+                common.check_args(pcl.Args(arch="resnet8", **kw))  # parse_args and setup call it
+            self.assertEqual(str(cm.exception), "error: " + msg)
 
 
 class TestRuns(unittest.TestCase):

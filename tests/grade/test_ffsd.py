@@ -2,6 +2,7 @@
 their outputs (attention, distance, diversity_target and every loss on hand-made tensors in the
 FFSD.forward format; the model's named parts and their gradients, train_step, evaluate's names).
 """
+import copy
 import math
 import os
 import sys
@@ -151,7 +152,8 @@ class TestModel(unittest.TestCase):
                     self.assertTrue(untouched, f"{name} must not reach {group}")
 
     def test_train_step_updates_every_part(self):
-        """One train_step changes every parameter and returns finite logs."""
+        """One train_step at epoch 0 logs ffsd_loss's terms with the warm-up factor of epoch 1
+        (exp(-5 (1 - 1/5)^2) = 0.041 on every lambda) and changes every parameter."""
         args = ffsd.Args(arch="resnet8", batch_size=16)
         run = fake_run(args, 16)
         torch.manual_seed(0)
@@ -159,8 +161,12 @@ class TestModel(unittest.TestCase):
         opts = ffsd.build_optimizers(model, args)
         before = {k: v.clone() for k, v in model.named_parameters()}
         x = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std
+        _, want = ffsd.ffsd_loss(copy.deepcopy(model)(x), run.data.train_y, args, math.exp(-5 * 0.8 ** 2))
         logs = ffsd.train_step(model, opts, x, run.data.train_y, 0, 0, run)
         self.assertTrue(all(math.isfinite(v.item()) for v in logs.values()))
+        for name in ("div/student2", "fmap/leader", "sdfit/leader", "loss"):
+            self.assertAlmostEqual(logs[name].item(), want[name].item(), delta=1e-5 * abs(want[name].item()),
+                                   msg=f"{name}: train_step must weight the lambdas by the warm-up w(epoch + 1)")
         for name, p in model.named_parameters():
             self.assertFalse(torch.equal(p, before[name]), f"{name} was not updated")
 
