@@ -175,3 +175,18 @@ def fixed_outputs(M=2, B=3, C=4, seed=0):
 
 def npy(t):
     return t.detach().double().numpy()
+
+
+def np_dist_att(f, g):
+    """D(A(f), A(g)) in numpy, for torch maps."""
+    return np_dist(np_att(npy(f)), np_att(npy(g)))
+
+
+def np_leader_terms(out, y, lam, T):
+    """Eqs. 5, 13-14 by hand on a fixed_outputs() dict: the leader's logged terms (lam = lambda_fusion
+    x warm-up on the three feature terms)."""
+    return {"ce/leader": np_ce(npy(out["z_ld"]), y),
+            "kd/leader": np_kd(npy(out["z_ld"]), npy(out["z_f"]), T),
+            "fmap/leader": lam * np_dist_att(out["feats_ld"][-1], out["fused"]),
+            "recon/leader": lam * np_dist_att(out["recon"], out["concat"]),
+            "sd/leader": lam * sum(np_dist_att(f, g) for f, g in zip(out["feats_ld"][:-1], out["sd_teach_ld"]))}

@@ -10,7 +10,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from helpers import ROOT, fake_run, fixed_outputs, np_att, np_ce, np_dist, np_div_target, np_kd, npy, rand, tiny
+from helpers import ROOT, fake_run, fixed_outputs, np_att, np_ce, np_dist, np_div_target, np_kd, np_leader_terms, npy, rand, tiny
 
 import common
 import ffsd
@@ -111,13 +111,7 @@ class TestLossTerms(unittest.TestCase):
     def test_leader_loss(self):
         out, w = fixed_outputs(), 0.5
         loss, logs = ffsd.leader_loss(out, Y, ARGS, w)
-        lam = 3.0 * w
-        expect = {"ce/leader": np_ce(npy(out["z_ld"]), Y.numpy()),
-                  "kd/leader": np_kd(npy(out["z_ld"]), npy(out["z_f"]), 2.0),
-                  "fmap/leader": lam * np_dist(np_att(npy(out["feats_ld"][-1])), np_att(npy(out["fused"]))),
-                  "recon/leader": lam * np_dist(np_att(npy(out["recon"])), np_att(npy(out["concat"]))),
-                  "sd/leader": lam * sum(np_dist(np_att(npy(f)), np_att(npy(g)))
-                                         for f, g in zip(out["feats_ld"][:-1], out["sd_teach_ld"]))}
+        expect = np_leader_terms(out, Y.numpy(), 3.0 * w, 2.0)
         for k, v in expect.items():
             self.assertAlmostEqual(logs[k].item(), v, places=5, msg=k)
         self.assertAlmostEqual(loss.item(), sum(expect.values()), places=4)

@@ -12,17 +12,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, fixed_outputs, np_ce, np_kd, npy, rand  # noqa: E402
+from helpers import fake_run, fixed_outputs, np_ce, np_kd, np_dist_att, np_leader_terms, npy, rand  # noqa: E402
 from helpers import np_att, np_dist, np_div_target  # noqa: E402
 import ffsd  # noqa: E402  (the grader puts the student's file here)
 
 ARGS = ffsd.Args(temperature=2.0, lambda_div=0.5, lambda_fusion=3.0, lambda_sd=7.0)
 Y = torch.tensor([0, 3, 1])
-
-
-def np_dist_att(f, g):
-    """D(A(f), A(g)) in numpy."""
-    return np_dist(np_att(npy(f)), np_att(npy(g)))
 
 
 class TestParts(unittest.TestCase):
@@ -92,13 +87,7 @@ class TestLosses(unittest.TestCase):
         """Leader: CE + KD(z_f) + lambda_fusion w (fused-map mimicry, reconstruction, SD)."""
         out, w = fixed_outputs(), 0.5
         loss, logs = ffsd.leader_loss(out, Y, ARGS, w)
-        lam = 3.0 * w
-        shallow = zip(out["feats_ld"][:-1], out["sd_teach_ld"])
-        expect = {"ce/leader": np_ce(npy(out["z_ld"]), Y.numpy()),
-                  "kd/leader": np_kd(npy(out["z_ld"]), npy(out["z_f"]), 2.0),
-                  "fmap/leader": lam * np_dist_att(out["feats_ld"][-1], out["fused"]),
-                  "recon/leader": lam * np_dist_att(out["recon"], out["concat"]),
-                  "sd/leader": lam * sum(np_dist_att(f, g) for f, g in shallow)}
+        expect = np_leader_terms(out, Y.numpy(), 3.0 * w, 2.0)
         for k, v in expect.items():
             self.assertAlmostEqual(logs[k].item(), v, places=5, msg=k)
         self.assertAlmostEqual(loss.item(), sum(expect.values()), places=4)
