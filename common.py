@@ -17,13 +17,12 @@ Contents, and what a method file may use from each section:
   5. Training loop   `setup(args, method)` -> `Run` (`.args`, `.num_classes`, `.steps_per_epoch`,
                      `.autocast()`, `.to_device()`, `.scalar()`), `sgd`, `adam`, `kd_loss`,
                      `sigmoid_rampup`, `fp32_region`, `eval_mode`, and
-                     `fit(run, model, optimizers, train_step, evaluate, deployed, ...)`: epochs, LR
-                     schedule, evaluation, the per-epoch row, metrics.jsonl, checkpoints, final.json.
-  6. Beyond CIFAR   nothing directly: image folders of any size, streamed folders, ImageNet
-                     ResNet-18/34, `--recipe imagenet`, multi-process runs under torchrun.
+                     `fit(run, model, optimizers, train_step, evaluate, deployed, ...)`: the epochs.
+  6. Bookkeeping     nothing directly: what fit writes and reads back (metrics.jsonl, checkpoints,
+                     --resume, deployed.pt, final.json).
+Streamed folders, the ImageNet recipe and torchrun live in beyond.py; `setup` hands such a run over.
 """
 import argparse
-import atexit
 import dataclasses
 import datetime
 import json
@@ -34,20 +33,22 @@ import random
 import shlex
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 
 def fail(msg):
-    """Stop with a one-line error (no traceback): `error: <msg>` on stderr, exit status 1."""
-    quiet_unless_rank0()  # section 6: under torchrun rank 0 says it, the other processes exit
+    """Stop with a one-line error (no traceback): `error: <msg>` on stderr, exit status 1. Under
+    torchrun every process meets the same error: rank 0 says it, the others exit quietly after a
+    pause that lets its line come out first (torchrun stops them as soon as one fails)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        time.sleep(3)
+        raise SystemExit(1)
     raise SystemExit(f"error: {msg}")
 
 
@@ -103,7 +104,8 @@ class TrainArgs:
     stop_after: int = arg(0, "stop after N epochs of this invocation, checkpoint kept, to continue "
                              "later with --resume (0 = run to --epochs)", at_least=0)
     log_every: int = arg(0, "also print a line every N steps (0 = one row per epoch)", at_least=0)
-    # Section 6 (beyond CIFAR): image size, streamed folders, LR warm-up and recipe, torchrun.
+    # Beyond CIFAR (beyond.py, docs/beyond-cifar.md): image size, streamed folders, warm-up, recipe,
+    # torchrun. The CIFAR path leaves them at their defaults.
     image_size: int = arg(0, "image side in pixels, a multiple of 32: 0 = the data's own (32 "
                              "for CIFAR and fake, the images' own in memory, 224 streamed)")
     loader: str = arg("auto", "--dataset folder: memory (decode once, hold on the device), stream "
@@ -161,7 +163,14 @@ def check_args(args):
         fractions = [-1.0]
     if any(not 0 < v <= 1 for v in fractions):
         fail(f"--lr-decay-at takes comma-separated fractions in (0, 1], got {args.lr_decay_at!r}")
-    check_beyond_cifar(args)  # section 6: image size, loader, warm-up
+    if args.image_size < 0 or args.image_size % 32:
+        fail(f"--image-size must be 0 (the data's own size) or a multiple of 32 (every backbone "
+             f"halves its maps up to 5 times), got {args.image_size}")
+    if args.dataset != "folder" and args.image_size not in (0, 32):
+        fail(f"--image-size {args.image_size}: {args.dataset} images are 32x32; other sizes need "
+             f"--dataset folder")
+    if args.dataset != "folder" and args.loader == "stream":
+        fail(f"--loader stream reads an image folder (--dataset folder), not --dataset {args.dataset}")
     return args
 
 
@@ -503,13 +512,24 @@ def googlenet(num_classes):
                             nn.Linear(cin, num_classes), [s[-1].out_channels for s in stages], split=2))
 
 
+def imagenet_resnet(depth, num_classes):
+    """torchvision's ResNet-18/34 (weights=None, torchvision's own init) as a Net: stem = conv7x7/2 +
+    BN + ReLU + max-pool/2; stages = layer1..4 (64, 128, 256, 512 channels; 56, 28, 14, 7 px at 224
+    px); pool = global average; fc. split = 3: branches share the stem and layer1-3."""
+    import torchvision
+    tv = getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=num_classes)
+    stem = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool)
+    return Net(stem, [tv.layer1, tv.layer2, tv.layer3, tv.layer4],
+               nn.Sequential(tv.avgpool, nn.Flatten()), tv.fc, [64, 128, 256, 512], split=3)
+
+
 def resnet18(num_classes):
-    """ImageNet ResNet-18 (torchvision's; section 6). 11,689,512 params at 1000 classes."""
+    """ImageNet ResNet-18 (torchvision's). 11,689,512 params at 1000 classes."""
     return imagenet_resnet(18, num_classes)
 
 
 def resnet34(num_classes):
-    """ImageNet ResNet-34 (torchvision's; section 6). 21,797,672 params at 1000 classes."""
+    """ImageNet ResNet-34 (torchvision's). 21,797,672 params at 1000 classes."""
     return imagenet_resnet(34, num_classes)
 
 
@@ -586,12 +606,12 @@ class MultiBranch(nn.Module):
         """x: one batch (B, 3, H, W) shared by every branch, or a list of m views (one per branch; the trunk
         then runs once per view). Returns logits (m, B, C), pooled features (m, B, D), trunk output(s)."""
         if isinstance(x, (list, tuple)):
-            t = [self.trunk(v) for v in x]
-            outs = [b(ti) for b, ti in zip(self.branches, t)]
+            trunk_out = [self.trunk(view) for view in x]
+            outs = [branch(t) for branch, t in zip(self.branches, trunk_out)]
         else:
-            t = self.trunk(x)
-            outs = [b(t) for b in self.branches]
-        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]), t
+            trunk_out = self.trunk(x)
+            outs = [branch(trunk_out) for branch in self.branches]
+        return torch.stack([o[0] for o in outs]), torch.stack([o[1] for o in outs]), trunk_out
 
     def single(self, j):
         """Trunk + branch j as one plain backbone (the deployed model of ONE, OKDDip, PCL),
@@ -607,8 +627,8 @@ class MultiBranch(nn.Module):
 
 
 # =====================================================================================================
-# 4. Data: the whole split as one uint8 tensor (N, 3, 32, 32) on the training device; augmentation
-#    (random crop with 4-pixel padding + horizontal flip) runs batched on that device.
+# 4. Data: the whole split as one uint8 tensor (N, 3, S, S), S = 32 for CIFAR, on the training device;
+#    augmentation (random crop with S/8-pixel padding + horizontal flip) runs batched on that device.
 # =====================================================================================================
 DATASETS = ["cifar10", "cifar100", "folder", "fake"]
 # Per-dataset normalisation used by the OKDDip/PCL lineage; folder and fake compute theirs from the
@@ -662,21 +682,48 @@ def list_folder(root, split, classes=None):
     return paths, torch.tensor(labels), found
 
 
+def read_image(path):
+    """One image file as (3, H, W) uint8 RGB; a one-line error for a file that is not an image."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except Exception as e:
+        fail(f"cannot decode image {path!r} ({type(e).__name__}: not an image file torchvision "
+             f"can read)")
+
+
 def _folder(root, split, classes=None, size=0):
-    """Read root/split/<class>/* (any image torchvision can decode) as uint8 (N, 3, S, S): every
-    image of the split one size S (`size` when given; section 6), 32 for CIFAR in a folder."""
-    from torchvision.io import ImageReadMode, decode_image
+    """root/split/<class>/* decoded into uint8 (N, 3, S, S): every image of the split one square
+    size S, a multiple of 32 (`size` when given: --image-size for train, train's size for test)."""
     paths, labels, found = list_folder(root, split, classes)  # the layout checks, nothing decoded yet
-    xs, first = [], None
-    for path in paths:
-        try:
-            img = decode_image(path, mode=ImageReadMode.RGB)
-        except Exception:
-            fail(f"cannot decode image {path!r} (not an image file torchvision can read)")
-        first = first or (path, tuple(img.shape[1:]))
-        check_folder_image(path, img, first, size, split)  # section 6: one size per split
-        xs.append(img)
+    xs = [read_image(path) for path in paths]
+    h0, w0 = xs[0].shape[1:]
+    for path, (h, w) in zip(paths, (img.shape[1:] for img in xs)):
+        if size and (h, w) != (size, size):
+            why = ("like the train split" if split == "test"
+                   else f"(--image-size {size}; other sizes: --loader stream)")
+            fail(f"image {path!r} is {w}x{h}, expected {size}x{size} {why}")
+        if (h, w) != (h0, w0):
+            fail(f"image {path!r} is {w}x{h}, expected {w0}x{h0} like {paths[0]!r} (a folder held in "
+                 f"memory has one image size per split; mixed sizes: --loader stream)")
+    if h0 != w0 or h0 % 32:
+        fail(f"image {paths[0]!r} is {w0}x{h0}, expected 32x32, 64x64 or another square whose side is "
+             f"a multiple of 32 (a folder held in memory; other sizes: --loader stream --image-size S)")
     return torch.stack(xs), labels, found
+
+
+def folder_loader(args):
+    """'memory' or 'stream' for --dataset folder. --loader auto streams when the decoded train split
+    would exceed --memory-budget-gb (the first train image's size x the number of files), or when
+    --image-size asks for another size than that image's."""
+    if args.loader != "auto":
+        return args.loader
+    paths, _, _ = list_folder(args.data_dir, "train")
+    h, w = read_image(paths[0]).shape[1:]
+    if args.image_size and (h, w) != (args.image_size, args.image_size):
+        return "stream"
+    too_big = (args.subset or len(paths)) * 3 * h * w > args.memory_budget_gb * 1e9
+    return "stream" if too_big else "memory"
 
 
 def make_fake(n, seed, num_classes=10):
@@ -704,47 +751,61 @@ def balanced_first(y, n, num_classes):
     return torch.sort(torch.cat(idx)).values
 
 
+def check_subset_sizes(args, n_train, n_test):
+    """--subset and --test-subset fit their splits (n_train None: no train split loaded)."""
+    for flag, n, size in (("--subset", args.subset, n_train), ("--test-subset", args.test_subset, n_test)):
+        if size is not None and n > size:
+            fail(f"{flag} {n} is larger than the split ({size} images)")
+
+
+def channel_stats(x, chunk=1024):
+    """Per-channel mean and (unbiased) std of uint8 images (N, 3, H, W) in [0, 1] units. Up to 32 px
+    in one float copy; larger images in float64 chunks (Tiny-ImageNet's float copy: 4.9 GB)."""
+    if x.shape[-1] <= 32:
+        f = x.float() / 255
+        return f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True)
+    s, s2 = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for i in range(0, len(x), chunk):
+        f = x[i:i + chunk].to(torch.float64) / 255
+        s, s2 = s + f.sum(dim=(0, 2, 3)), s2 + f.pow(2).sum(dim=(0, 2, 3))
+    n = x.numel() // 3
+    mean = s / n
+    std = ((s2 - n * mean ** 2) / (n - 1)).clamp_min(0).sqrt()
+    return mean.float().view(1, 3, 1, 1), std.float().view(1, 3, 1, 1)
+
+
 def load_data(args, device, test_only=False):
     """Both splits as a Data on `device` (--subset / --test-subset applied). test_only: the test
     split alone (evaluation; train_x is then empty and mean/std are the test split's, for the
     caller to replace with the training normalisation where the data set has no fixed one)."""
     if args.dataset in ("cifar10", "cifar100"):
-        vx, vy, classes = _cifar(args, False)
-        tx, ty, _ = (vx[:0], vy[:0], None) if test_only else _cifar(args, True)
+        test_x, test_y, classes = _cifar(args, train=False)
+        train_x, train_y, _ = (test_x[:0], test_y[:0], None) if test_only else _cifar(args, train=True)
+    elif args.dataset == "folder" and test_only:
+        test_x, test_y, classes = _folder(args.data_dir, "test", size=args.image_size)
+        train_x, train_y = test_x[:0], test_y[:0]
     elif args.dataset == "folder":
-        if test_only:
-            vx, vy, classes = _folder(args.data_dir, "test", size=args.image_size)
-            tx, ty = vx[:0], vy[:0]
-        elif folder_loader(args) == "stream":  # section 6: too big for memory, or resized
-            return load_stream(args, device)
-        else:
-            tx, ty, classes = _folder(args.data_dir, "train", size=args.image_size)
-            vx, vy, _ = _folder(args.data_dir, "test", classes, size=tx.shape[-1])
+        train_x, train_y, classes = _folder(args.data_dir, "train", size=args.image_size)
+        test_x, test_y, _ = _folder(args.data_dir, "test", classes, size=train_x.shape[-1])
     elif args.dataset == "fake":
-        vx, vy = make_fake(2000, seed=2)
-        tx, ty = (vx[:0], vy[:0]) if test_only else make_fake(10000, seed=1)
+        test_x, test_y = make_fake(2000, seed=2)
+        train_x, train_y = (test_x[:0], test_y[:0]) if test_only else make_fake(10000, seed=1)
         classes = [f"class{i}" for i in range(10)]
     else:
         fail(f"unknown --dataset {args.dataset!r}; choices: {', '.join(DATASETS)}")
-    train_n = 0 if test_only else args.subset
-    for name, n, y in (("subset", train_n, ty), ("test_subset", args.test_subset, vy)):
-        if n > len(y):
-            fail(f"--{name.replace('_', '-')} {n} is larger than the split ({len(y)} images)")
+    check_subset_sizes(args, None if test_only else len(train_y), len(test_y))
     if args.subset and not test_only:
-        keep = balanced_first(ty, args.subset, len(classes))
-        tx, ty = tx[keep], ty[keep]
+        keep = balanced_first(train_y, args.subset, len(classes))
+        train_x, train_y = train_x[keep], train_y[keep]
     if args.test_subset:
-        keep = balanced_first(vy, args.test_subset, len(classes))
-        vx, vy = vx[keep], vy[keep]
+        keep = balanced_first(test_y, args.test_subset, len(classes))
+        test_x, test_y = test_x[keep], test_y[keep]
     if args.dataset in MEAN_STD:
         mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in MEAN_STD[args.dataset])
-    elif tx.shape[-1] > 32:  # section 6: a large folder (Tiny-ImageNet: 100k x 64 x 64), in chunks
-        mean, std = channel_stats(tx)
     else:
-        f = (vx if test_only else tx).float() / 255
-        mean, std = f.mean(dim=(0, 2, 3), keepdim=True), f.std(dim=(0, 2, 3), keepdim=True)
-    return Data(tx.to(device), ty.to(device), vx.to(device), vy.to(device), mean.to(device),
-                std.to(device), classes)
+        mean, std = channel_stats(test_x if test_only else train_x)
+    return Data(train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device),
+                mean.to(device), std.to(device), classes)
 
 
 def augment(x, data, gen, pad_mode="zero"):
@@ -771,9 +832,6 @@ def train_batches(run, gen, views=1):
     """One epoch of (x, y): shuffled, augmented on the device. x is a tensor, or a list of `views`
     independently augmented copies of the same images (one per peer). A last batch of 1 image is dropped
     (BatchNorm cannot train on it); with --drop-last (or --compile) every partial last batch is."""
-    if world() > 1 or isinstance(run.data, StreamData):  # section 6: torchrun, streamed folders
-        yield from beyond_batches(run, gen, views)
-        return
     data, bs = run.data, run.args.batch_size
     perm = torch.randperm(len(data.train_y), generator=gen, device=data.train_y.device)
     for s in range(0, len(perm) - bs + 1 if run.drop_last else len(perm) - 1, bs):
@@ -783,8 +841,9 @@ def train_batches(run, gen, views=1):
 
 
 # =====================================================================================================
-# 5. Training loop parts: setup, schedule, autocast, KD helper, evaluation, checkpoints, fit().
+# 5. Training loop: KD helper, schedule, optimisers, the Run, setup, evaluation, fit and its helpers.
 # =====================================================================================================
+
 def kd_loss(student_logits, teacher_logits, T):
     """KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch
     (`reduction='batchmean'`, never 'mean', which would divide by C too). The T^2 keeps the gradient scale of
@@ -792,7 +851,6 @@ def kd_loss(student_logits, teacher_logits, T):
     s = F.log_softmax(student_logits.float() / T, dim=-1).flatten(0, -2)
     t = F.log_softmax(teacher_logits.float() / T, dim=-1).flatten(0, -2)
     return T * T * F.kl_div(s, t, reduction="batchmean", log_target=True)
-
 
 def sigmoid_rampup(epoch, length):
     """w(e) = exp(-5 (1 - min(e, L)/L)^2) at the 0-based epoch e: Laine & Aila's sigmoid ramp-up, as
@@ -802,14 +860,16 @@ def sigmoid_rampup(epoch, length):
         return 1.0
     return math.exp(-5.0 * (1.0 - min(epoch, length) / length) ** 2)
 
-
 def lr_factor(epoch, args):
     """Step schedule: x lr_gamma at each milestone (fractions of --epochs; 0.5,0.75 of 300 = epochs 150,
-    225 counted from 0, i.e. the decayed LR is first used in the 151st epoch)."""
+    225 counted from 0, i.e. the decayed LR is first used in the 151st epoch). With --lr-warmup-epochs W
+    (the ImageNet recipe; Goyal et al.) the 0-based epoch e < W also takes (e + 1) / W of it.
+    NOTE(deviation): the warm-up moves once per epoch (fit sets the LR per epoch); Goyal et al.'s moves
+    every iteration."""
     milestones = [round(float(v) * args.epochs) for v in args.lr_decay_at.split(",") if v.strip()]
-    warmup = lr_warmup(epoch, args)  # section 6: 1.0 unless --lr-warmup-epochs
+    warm = args.lr_warmup_epochs
+    warmup = (epoch + 1) / warm if epoch < warm else 1.0
     return args.lr_gamma ** sum(epoch >= m for m in milestones) * warmup
-
 
 def sgd(params, args, weight_decay=None):
     """The recipe's SGD (Nesterov momentum 0.9, wd 5e-4 by default); one fused kernel per step on CUDA."""
@@ -819,7 +879,6 @@ def sgd(params, args, weight_decay=None):
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                            weight_decay=wd, fused=fused or None)
 
-
 def adam(params, lr, weight_decay):
     """Adam (coupled L2 weight decay); fused on CUDA, like sgd: one kernel per step, and it reads a
     device-tensor learning rate (set_lr), which the non-fused CUDA paths cannot without a sync."""
@@ -827,18 +886,15 @@ def adam(params, lr, weight_decay):
     fused = bool(params) and all(p.is_cuda for p in params)  # BOILERPLATE: speed only, same rule
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
-
 def set_lr(run, optimizers, epoch):
-    """Every group's LR = its base_lr (the LR it was built with) x lr_factor(epoch); returns the
-    first group's LR as a number (for the log). On CUDA a group whose optimiser runs a fused (or
-    capturable) kernel holds its LR as a 0-d float32 device tensor rewritten in place (fill_: no
-    copy, no host sync), so a compiled or captured step reads the current LR instead of baking in a
-    number; elsewhere (CPU) the LR stays a Python float, so CPU numbers are exactly those of a plain
-    float schedule. Either form goes through a checkpoint: a resumed run converts it here."""
+    """Every group's LR = its base_lr (the LR it was built with) x lr_factor(epoch); returns the first
+    group's LR as a number (for the log). On CUDA a fused (or capturable) optimiser's LR is a 0-d
+    device tensor rewritten in place (no host sync; a compiled step reads the current value); on the
+    CPU a Python float, exactly a plain float schedule. A resumed run converts either form here."""
     first = None
     for opt in optimizers.values():
         for g in opt.param_groups:
-            if "base_lr" not in g:  # the first call (or an old checkpoint): read the built LR once
+            if "base_lr" not in g:  # the first call: read the built LR once
                 g["base_lr"] = float(g["lr"])
             lr = g["base_lr"] * lr_factor(epoch, run.args)
             first = lr if first is None else first
@@ -853,7 +909,6 @@ def set_lr(run, optimizers, epoch):
                 g["lr"] = lr
     return first
 
-
 @contextmanager
 def eval_mode(module):
     """The block runs `module` in evaluation mode (BN uses and keeps its running statistics); its
@@ -865,7 +920,6 @@ def eval_mode(module):
     finally:
         module.train(mode)
 
-
 def fp32_region(x):
     """`with fp32_region(x):` autocast off for x's device type: matmul, einsum, bmm and Linear
     inside run in float32 on float32 inputs. CUDA autocast lowers those ops to bf16 whatever their
@@ -873,14 +927,11 @@ def fp32_region(x):
     active (CPU runs)."""
     return torch.autocast(device_type=x.device.type, enabled=False)
 
-
 def compile_model(model):
-    """--compile: torch.compile the forward of every module a method calls: the model itself when
-    it has a forward, else each child that has one (PCL's student and temporal mean, DML's
-    networks). In place (nn.Module.compile): the module tree, its state_dict keys, checkpoints and
-    exports are unchanged. Shapes are static (dynamic=False; --compile implies --drop-last);
-    train/eval mode, grad mode and the last partial test batch each compile once. Modules called
-    other ways (FFSD's evaluate reads net.features) stay eager."""
+    """--compile: torch.compile, in place (nn.Module.compile: state_dict keys unchanged), the forward
+    of the model, or of each child when the model has none (PCL's student and mean, DML's networks).
+    Static shapes (--compile implies --drop-last); modules called other ways (FFSD's net.features)
+    stay eager."""
     if type(model).forward is nn.Module.forward:  # no forward of its own (ModuleList, PCL)
         for child in model.children():
             compile_model(child)
@@ -888,9 +939,12 @@ def compile_model(model):
         model.compile(dynamic=False)
     return model
 
-
 @dataclass
 class Run:
+    """One training run: what a method's step uses (args, device, autocast, layout, scalar) and the
+    parts of the loop that depend on where the data come from and how many processes train:
+    `batches`, `score`, `prepare`, `launcher`, `summary`. setup builds this Run (CIFAR, fake, a folder
+    held in memory; one process); beyond.py's overrides those parts for streamed folders and torchrun."""
     args: object
     method: str
     device: torch.device
@@ -899,6 +953,7 @@ class Run:
     amp: bool  # bf16 autocast active
     channels_last: bool
     scalars: dict = dataclasses.field(default_factory=dict, repr=False)  # name -> (tensor, value)
+    main_process = True  # the process that prints and writes files (under torchrun: rank 0 only)
 
     @property
     def num_classes(self):
@@ -914,17 +969,13 @@ class Run:
         """Batches per epoch as train_batches yields them (a last batch of 1 image is dropped; with
         drop_last every partial one is)."""
         n, bs = len(self.data.train_y), self.args.batch_size
-        if world() > 1:  # section 6: under torchrun only full global batches (equal shares)
-            return n // bs
         return n // bs if self.drop_last else len(range(0, n - 1, bs))
 
     def scalar(self, name, value):
         """A number a step uses (a ramp-up weight, an EMA factor) as a 0-d float32 tensor on the
-        run's device, cached under `name` and rewritten in place (fill_, a kernel launch that
-        carries the number: no copy, no host sync) only when the value changes. A step that
-        multiplies by it keeps one set of kernels for the whole run (capture- and compile-safe) and
-        never builds a tensor from a Python number (a blocking host-to-device copy on CUDA). A
-        logged value aliases it: fit stacks each step's logs at once, before any change."""
+        run's device, cached under `name` and rewritten in place (fill_: no copy, no host sync) when
+        the value changes: the step never builds a tensor from a Python number (a blocking copy on
+        CUDA). A logged value aliases it: fit stacks each step's logs before any change."""
         t, old = self.scalars.get(name, (None, None))
         if t is None:
             t = torch.full((), value, dtype=torch.float32, device=self.device)
@@ -945,17 +996,35 @@ class Run:
         module = module.to(self.device)
         return module.to(memory_format=torch.channels_last) if self.channels_last else module
 
+    def batches(self, gen, views=1):
+        """One epoch of training batches: train_batches."""
+        return train_batches(self, gen, views)
+
+    def score(self, model, evaluate):
+        """Top-1 accuracy (%) of every model `evaluate` names: evaluate_all."""
+        return evaluate_all(self, model, evaluate)
+
+    def prepare(self, model, optimizers):
+        """Before the first step: --compile."""
+        return compile_model(model) if self.args.compile else model
+
+    def launcher(self):
+        """What starts a script of this run on the command line (resume_command)."""
+        return [os.path.basename(sys.executable) or "python"]
+
+    def summary(self):
+        """final.json's fields on where and how the run ran."""
+        return {"device": _device_name(self.device), "torch": torch.__version__,
+                "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
 
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-
 def _mps_available():
     mps = getattr(torch.backends, "mps", None)  # Apple's GPU backend (absent from some builds)
     return bool(mps is not None and mps.is_available())
-
 
 def pick_device(name):
     """--device: auto = CUDA if present, else Apple's MPS, else the CPU; cuda, mps: must exist."""
@@ -968,15 +1037,22 @@ def pick_device(name):
         name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
     return torch.device(name)
 
-
 def setup(args, method):
-    """Validate arguments, pick the device, seed, load the data. Returns a Run. --out is created
-    only when training starts (fit): bad data, an error or Ctrl-C before that leaves no folder."""
+    """Validate the arguments, pick the device, seed, load the data: a Run. --out is created only
+    when training starts (fit): bad data, an error or Ctrl-C before that leaves no folder.
+    The one branch off the CIFAR path: a torchrun launch, --recipe or a folder streamed from disk
+    is set up by beyond.py (docs/beyond-cifar.md)."""
     check_args(args)
-    apply_recipe(args)  # section 6: --recipe sets the flags left at their defaults (in place)
     apply_preset(args)  # a method's --preset (ONE's one-official) sets its flags (in place)
-    device = pick_device(args.device)
-    device = dist_setup(args, device)  # section 6: under torchrun, join the process group
+    if (int(os.environ.get("WORLD_SIZE", "1")) > 1 or args.recipe != "none"
+            or args.dataset == "folder" and folder_loader(args) == "stream"):
+        import beyond
+        return beyond.setup(args, method)
+    return start_run(args, method, pick_device(args.device))
+
+def start_run(args, method, device, load=None, cls=Run):
+    """The start every run shares: the --arch list, --out and --resume, the seeds, the data
+    (load(args, device), by default load_data) and the Run (class cls)."""
     for name in args.arch.split(","):  # a list (one backbone per network) where a method allows it
         if name not in BACKBONES:
             fail(f"unknown --arch {name!r}; choices: {', '.join(BACKBONES)}")
@@ -990,13 +1066,13 @@ def setup(args, method):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     try:
-        data = load_data(args, device)
-    except KeyboardInterrupt:  # BOILERPLATE: Ctrl-C here: one line, status 130, nothing written
+        data = (load or load_data)(args, device)
+    except KeyboardInterrupt:  # Ctrl-C here: one line, status 130, nothing written
         print(f"interrupted while loading the data; nothing was written to {out!r}",
               file=sys.stderr, flush=True)
         raise SystemExit(130)
     cuda = device.type == "cuda"  # bf16 and channels_last: CUDA only (not measured on MPS or CPU)
-    run = Run(args, method, device, data, out, amp=cuda and args.bf16,
+    run = cls(args, method, device, data, out, amp=cuda and args.bf16,
               channels_last=cuda and args.channels_last)
     if run.drop_last and run.steps_per_epoch == 0:
         why = "--drop-last" if args.drop_last else "--compile (implies --drop-last)"
@@ -1004,18 +1080,282 @@ def setup(args, method):
              f"set has {len(data.train_y)} images; lower --batch-size")
     return run
 
+@torch.no_grad()
+def evaluate_all(run, model, evaluate):
+    """Top-1 accuracy (%) of every model the method names: evaluate(model, x) -> {name: logits (B, C)},
+    in eval mode. The forward runs under the training autocast (bf16 on CUDA, as trained); the logits
+    are cast to float32 before the arg-max (the ensembles average float32 logits)."""
+    model.eval()
+    data, correct, ebs = run.data, {}, run.args.eval_batch_size
+    for s in range(0, len(data.test_y), ebs):
+        x = run.layout((data.test_x[s:s + ebs].float() / 255 - data.mean) / data.std)
+        y = data.test_y[s:s + ebs]
+        with run.autocast():
+            outs = evaluate(model, x)
+        for name, logits in outs.items():
+            correct[name] = correct.get(name, 0) + (logits.float().argmax(-1) == y).sum()
+    model.train()
+    return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
 
-def _open_out(run):
-    """Create --out and write config.json (the arguments) when training starts; a resumed run keeps
-    the config.json it was started with."""
+def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None, show=(),
+        deployed_net=None):
+    """The epoch loop every method shares; the method supplies the parts it owns.
+
+    model:      nn.Module holding every weight of the method (checkpointed; eval mode while scoring).
+    optimizers: {name: Optimizer} every optimiser (checkpointed); the LR schedule scales each group's
+                initial LR by lr_factor(epoch).
+    train_step(model, optimizers, x, y, epoch, step, run) -> {term: detached scalar tensor}, with 'loss'.
+    evaluate(model, x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
+    averages:   {name: [model names]} extra columns: the mean of those models' accuracies (e.g. 'peer_avg').
+    show:       the loss terms the console row shows besides 'loss' (metrics.jsonl keeps every term).
+    deployed_net(model, args) -> the deployed model as a plain backbone; a finished run writes it to
+                deployed.pt. Returns final.json's content (or, after --stop-after, where to resume).
+    """
+    args = run.args
+    gen = torch.Generator(device=run.device).manual_seed(args.seed)  # batch order and augmentation
+    start, history, best = _begin(run, model, optimizers, gen)  # --out, --resume, --compile
+    with _interruptible(run, start) as progress:  # Ctrl-C: keep the last checkpoint, print how to resume
+        for epoch in range(start, args.epochs):
+            if args.stop_after and epoch - start == args.stop_after:
+                return _stop(run, epoch)
+            lr = set_lr(run, optimizers, epoch)  # one LR for the whole epoch (lr_factor)
+            # Train mode for every sub-network of `model`, every epoch (evaluation left eval mode):
+            # BN normalises with batch statistics and updates its running ones, PCL's temporal mean
+            # included (its BN statistics come from its own forward passes, not from the EMA).
+            model.train()
+            meter, t0 = LossMeter(), time.perf_counter()
+            # x: a batch, or a list of `views` independently augmented copies of it (PCL: one per peer).
+            for i, (x, y) in enumerate(run.batches(gen, views)):
+                step = epoch * run.steps_per_epoch + i  # 0-based, counts batches over the whole run
+                logs = train_step(model, optimizers, x, y, epoch, step, run)
+                meter.add(logs, len(y), step)
+                if args.log_every and (i + 1) % args.log_every == 0:
+                    print(f"  step {i + 1}/{run.steps_per_epoch} loss {logs['loss'].item():.4f}",
+                          flush=True)
+            _stop_if_not_finite(run, meter, epoch, progress["saved"])
+            _sync(run.device)
+            sec = time.perf_counter() - t0
+            accs = run.score(model, evaluate)  # eval mode while scoring, train mode after
+            for name, members in (averages or {}).items():
+                accs[name] = sum(accs[m] for m in members) / len(members)
+            history.append({"epoch": epoch + 1, "lr": lr, **meter.means(),
+                            **{f"acc/{k}": v for k, v in accs.items()},
+                            "sec": sec, "images": meter.seen, "images_per_s": meter.seen / sec})
+            if accs[deployed] > best["acc"]:
+                best = {"acc": accs[deployed], "epoch": epoch + 1}
+            _print_row(run, history[-1], best, deployed, show, averages, header=epoch == start)
+            _save_epoch(run, model, optimizers, gen, history, best, deployed)
+            progress["saved"] = epoch + 1
+        return _finish(run, model, history, best, deployed, deployed_net)
+
+
+# =====================================================================================================
+# 6. Bookkeeping: what fit writes and reads back (the epoch's loss sums, the console row, metrics.jsonl,
+#    checkpoints and --resume, Ctrl-C, the non-finite check, deployed.pt, final.json). No algorithm here.
+# =====================================================================================================
+class LossMeter:
+    """An epoch's sums of every logged term (weighted by batch size), kept on the device as one
+    vector: a few kernels per step whatever the number of terms, no host sync before the epoch's end.
+    Also the first global step at which each term went non-finite."""
+
+    def __init__(self):
+        self.names, self.seen = None, 0
+
+    def add(self, logs, n, step):
+        vals = torch.stack([v.detach().float() for v in logs.values()])  # (terms,)
+        if self.names is None:
+            self.names, self.sums, self.bad = list(logs), torch.zeros_like(vals), torch.full_like(vals, -1.0)
+        self.sums += vals * n
+        self.bad = torch.where((self.bad < 0) & ~torch.isfinite(vals), float(step), self.bad)
+        self.seen += n
+
+    def means(self):
+        return {k: v / self.seen for k, v in zip(self.names, self.sums.tolist())}
+
+    def first_bad_steps(self):
+        return {k: int(at) for k, at in zip(self.names, self.bad.tolist()) if at >= 0}
+
+def _begin(run, model, optimizers, gen):
+    """Before the first epoch: create --out (config.json), or load the checkpoint to continue from;
+    prepare the model (run.prepare); print the run's header. Returns (first epoch, history, best)."""
+    args = run.args
     try:
         os.makedirs(run.out, exist_ok=True)
-        if not run.args.resume:
-            config = {"method": run.method, **dataclasses.asdict(run.args)}
-            _write_json(os.path.join(run.out, "config.json"), config)
+        if not args.resume and run.main_process:  # a resumed run keeps its first config.json
+            _write_json(os.path.join(run.out, "config.json"), {"method": run.method, **dataclasses.asdict(args)})
     except OSError as e:
         fail(f"cannot write to --out {run.out!r} ({e.strerror})")
+    start, history, best = 0, [], {"acc": -1.0, "epoch": 0}
+    if args.resume:
+        start, history, best = _load_checkpoint(run, model, optimizers, gen)
+    run.prepare(model, optimizers)
+    data = run.data
+    print(f"{run.method}.py | {args.arch} | {args.dataset} ({len(data.train_y)} train / {len(data.test_y)} test, "
+          f"{run.num_classes} classes) | {run.device.type}{' bf16' if run.amp else ''} | seed {args.seed} | "
+          f"{args.epochs} epochs | out {run.out}", flush=True)
+    print("config " + json.dumps(dataclasses.asdict(args)), flush=True)
+    return start, history, best
 
+@contextmanager
+def _interruptible(run, start):
+    """Ctrl-C inside the block: the checkpoint on disk is the last completed epoch, consistent as is;
+    say so and how to resume, exit with status 130. progress["saved"]: the epoch that checkpoint holds."""
+    progress = {"saved": start}
+    try:
+        yield progress
+    except KeyboardInterrupt:
+        saved = progress["saved"]
+        if saved:
+            print(f"interrupted in epoch {saved + 1}; the checkpoint of epoch {saved} is kept in "
+                  f"{run.out!r}; resume with: {resume_command(run)}", file=sys.stderr, flush=True)
+        else:
+            print("interrupted in epoch 1, before the first checkpoint; nothing to resume",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(130)  # the shell's status for 'ended by SIGINT'
+
+def _stop(run, epoch):
+    """--stop-after: stop before `epoch`, the checkpoint kept; say how to continue."""
+    again = resume_command(run)
+    print(f"stopped after epoch {epoch} of {run.args.epochs} (--stop-after {run.args.stop_after}); "
+          f"continue with: {again}", flush=True)
+    return {"stopped_after_epoch": epoch, "out": run.out, "resume_command": again}
+
+def _stop_if_not_finite(run, meter, epoch, saved):
+    """Stop with one line naming every term that first went non-finite at the earliest bad step."""
+    bad = meter.first_bad_steps()
+    if not bad:
+        return
+    first, spe = min(bad.values()), run.steps_per_epoch
+    terms = ", ".join(repr(k) for k, at in bad.items() if at == first)
+    kept = f"the checkpoint of epoch {saved} is kept in {run.out!r}" if saved else "no checkpoint was written"
+    fail(f"non-finite loss ({terms}) at epoch {epoch + 1}, step {first - epoch * spe + 1} of {spe}; "
+         f"stopped, {kept} (lower --lr?)")
+
+def _print_row(run, row, best, deployed, show, averages, header):
+    """The console row: the loss and the terms the method shows, the deployed model's accuracy and its
+    best so far, the averages, time (metrics.jsonl keeps everything)."""
+    cols = {"epoch": f"{row['epoch']}", "lr": f"{row['lr']:.4f}", "loss": f"{row['loss']:.4f}",
+            **{k: f"{row[k]:.4f}" for k in show}, deployed: f"{row['acc/' + deployed]:.2f}",
+            "best": f"{best['acc']:.2f}", **{k: f"{row['acc/' + k]:.2f}" for k in averages or {}},
+            "sec": f"{row['sec']:.1f}", "img/s": f"{row['images_per_s']:.0f}"}
+    if header:
+        print(f"({deployed}: the deployed model's top-1 %, best: its best so far; every term and "
+              f"model: {os.path.join(run.out, 'metrics.jsonl')})", flush=True)
+        print(" | ".join(f"{c:>{max(6, len(c))}}" for c in cols), flush=True)
+    print(" | ".join(f"{v:>{max(6, len(c))}}" for c, v in cols.items()), flush=True)
+
+def _save_epoch(run, model, optimizers, gen, history, best, deployed):
+    """After every epoch: metrics.jsonl and the checkpoint everything continues from."""
+    if not run.main_process:
+        return
+    _write_text(os.path.join(run.out, "metrics.jsonl"), "".join(json.dumps(h) + "\n" for h in history))
+    save_checkpoint(os.path.join(run.out, "checkpoint.pt"), {
+        "epoch": history[-1]["epoch"], "meta": _meta(run), "history": history, "best": best,
+        "deployed": deployed, "data": data_info(run.data), "model": model.state_dict(),
+        "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+        "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "device": run.device.type, "device_rng": _device_rng(run.device),  # this device's RNG only
+        "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
+        "args": dataclasses.asdict(run.args)})
+
+def _finish(run, model, history, best, deployed, deployed_net):
+    """A finished run: deployed.pt (before final.json: a run with final.json has its deployed.pt),
+    final.json (last- and best-epoch accuracy, time, command, versions) and the closing line."""
+    args, last = run.args, history[-1]
+    models = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
+    arch = {}
+    if deployed_net is not None:
+        net = deployed_net(model, args)
+        arch = {"deployed_arch": net.arch}
+        payload = deployed_payload(net, deployed, run.method, args.dataset, data_info(run.data),
+                                   test_acc=models[deployed], epoch=last["epoch"],
+                                   test_subset=args.test_subset, bf16=run.amp)
+        if run.main_process:
+            save_checkpoint(os.path.join(run.out, "deployed.pt"), payload, what="deployed network")
+    train_time = sum(h["sec"] for h in history)
+    final = {**_meta(run), "epochs": args.epochs, "seed": args.seed, "deployed": deployed, **arch,
+             "test_acc": models[deployed], "best_test_acc": best["acc"], "best_epoch": best["epoch"],
+             "models": models, "train_loss": last["loss"], "train_time_s": train_time,
+             "images_per_s": sum(h["images"] for h in history) / max(train_time, 1e-9),
+             "date": datetime.date.today().isoformat(), **run.summary()}
+    if run.main_process:
+        _write_json(os.path.join(run.out, "final.json"), final)
+    parts = [f"{deployed} {final['test_acc']:.2f} (last) {best['acc']:.2f} (best, epoch {best['epoch']})"]
+    parts += [f"{k} {v:.2f}" for k, v in models.items() if k != deployed] + [f"{train_time / 60:.1f} min"]
+    print("final | " + " | ".join(parts), flush=True)
+    return final
+
+def resume_command(run):
+    """The command line that continues this run: the script, every flag that differs from its default,
+    the output folder and --resume (floats print in full precision, so the values are exactly these)."""
+    script = sys.argv[0] if os.path.basename(sys.argv[0]) == f"{run.method}.py" else f"{run.method}.py"
+    parts = run.launcher() + [script]
+    for f in dataclasses.fields(run.args):
+        value, flag = getattr(run.args, f.name), "--" + f.name.replace("_", "-")
+        if f.name in ("out", "resume") or value == f.default:
+            continue
+        parts += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts + ["--out", run.out, "--resume"])
+
+def _load_checkpoint(run, model, optimizers, gen):
+    """--resume: weights, optimiser states, history and every RNG from --out's checkpoint; one-line
+    errors for a corrupt file, another run's, or one whose weights no longer fit."""
+    path = os.path.join(run.out, "checkpoint.pt")
+    try:  # on the CPU: RNG states must be CPU tensors; load_state_dict copies onto the model's device
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        fail(f"--resume: cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupt or not "
+             "a checkpoint")
+    old = ck.get("meta") if isinstance(ck, dict) else None
+    if old == _meta(run) and "device" not in ck:
+        fail(f"--resume: checkpoint {path!r} was written by an older version of this repository "
+             "(before the run device was recorded); start the run again")
+    if old != _meta(run):
+        theirs = ", ".join(f"{k} {v}" for k, v in old.items()) if isinstance(old, dict) else "unknown"
+        ours = ", ".join(f"{k} {v}" for k, v in _meta(run).items())
+        fail(f"--resume: checkpoint {path!r} is from another run ({theirs}), not this one ({ours}); "
+             "choose another --out")
+    try:
+        model.load_state_dict(ck["model"])
+        for k, o in optimizers.items():
+            o.load_state_dict(ck["optimizers"][k])
+    except (RuntimeError, KeyError, ValueError) as e:  # e.g. another --num-peers: name the flags that changed
+        old, new = ck.get("args", {}), dataclasses.asdict(run.args)
+        changed = [f"--{k.replace('_', '-')} {old[k]} -> {new[k]}" for k in new
+                   if k in old and old[k] != new[k]
+                   and k not in ("resume", "stop_after", "out", "log_every")]
+        fail(f"--resume: the weights in {path!r} do not fit this model ({type(e).__name__}); "
+             f"changed since that run: {', '.join(changed) or 'nothing recorded'}")
+    torch.set_rng_state(ck["torch_rng"])  # the CPU RNG: restorable on any device
+    random.setstate(ck["python_rng"])
+    np.random.set_state(ck["numpy_rng"])
+    if ck["device"] == run.device.type:
+        gen.set_state(ck["gen"])
+        if run.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["device_rng"], run.device)
+        elif run.device.type == "mps":
+            torch.mps.set_rng_state(ck["device_rng"])
+    else:  # a CUDA generator's state cannot be set on a CPU one (nor the reverse): continue, say so
+        gen.manual_seed(run.args.seed + 1_000_003 * ck["epoch"])
+        print(f"warning: --resume: {path!r} was written on {ck['device']}, this run is on "
+              f"{run.device.type}: weights, optimiser state and schedule continue, but the "
+              f"data-order and augmentation RNG restarts (seeded from --seed and the epoch), so "
+              f"the run is not bit-for-bit an uninterrupted one", file=sys.stderr, flush=True)
+    print(f"resumed from {path} after epoch {ck['epoch']}", flush=True)
+    return ck["epoch"], ck["history"], ck["best"]
+
+def _meta(run):
+    return {"method": run.method, "arch": run.args.arch, "dataset": run.args.dataset,
+            "num_classes": run.num_classes}
+
+def _device_rng(device):
+    """The RNG state of the run's own device (CUDA: this GPU only; MPS), None on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.mps.get_rng_state() if device.type == "mps" else None
+
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 def _sync(device):
     """Wait for the device's queued work (so epoch times are real)."""
@@ -1024,25 +1364,18 @@ def _sync(device):
     elif device.type == "mps":
         torch.mps.synchronize()
 
-
 def _write_text(path, text):
-    if rank() > 0:  # section 6: under torchrun only rank 0 writes
-        return
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
-
 def _write_json(path, obj):
     _write_text(path, json.dumps(obj, indent=1) + "\n")
-
 
 def save_checkpoint(path, obj, what="checkpoint"):
     """Write to a temporary file, then rename: a crash, a full disk or Ctrl-C during the save leaves the
     previous checkpoint as it was (and no half-written temporary file)."""
-    if rank() > 0:  # section 6: under torchrun only rank 0 writes
-        return
     tmp = path + ".tmp"
     try:
         torch.save(obj, tmp)
@@ -1055,17 +1388,14 @@ def save_checkpoint(path, obj, what="checkpoint"):
             fail(f"cannot write {what} {path!r} ({why}); the previous one is kept")
         raise
 
-
 # BOILERPLATE: deployed.pt = the network a method deploys, as a plain backbone, and what it needs.
 DEPLOYED_FORMAT = "okd-deployed-1"
-
 
 def data_info(data):
     """What a network trained on `data` needs beside its weights: the input normalisation (in [0, 1]
     pixel units, per RGB channel) and the class names (label i = classes[i])."""
     return {"mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist(),
             "classes": list(data.classes)}
-
 
 def deployed_payload(net, name, method, dataset, info, **extra):
     """deployed.pt's content: `state_dict` (CPU, contiguous) of the plain backbone `net` (from
@@ -1077,7 +1407,6 @@ def deployed_payload(net, name, method, dataset, info, **extra):
     sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
     return {"format": DEPLOYED_FORMAT, "arch": net.arch, "num_classes": len(info["classes"]),
             **info, "method": method, "model": name, "dataset": dataset, **extra, "state_dict": sd}
-
 
 def load_deployed(path):
     """Read a deployed.pt: (plain backbone, CPU, eval mode; the file's dict). One-line errors."""
@@ -1096,715 +1425,3 @@ def load_deployed(path):
         fail(f"the weights in {path!r} do not fit a {d['arch']} for {d['num_classes']} classes "
              f"({str(e).splitlines()[0]})")
     return net.eval(), d
-
-
-@torch.no_grad()
-def evaluate_all(run, model, evaluate):
-    """Top-1 accuracy (%) of every model the method names: evaluate(model, x) -> {name: logits (B, C)}.
-    The forward runs under the training autocast (bf16 on CUDA: the numerics the networks were
-    trained with, at bf16 speed); the scored logits are cast to float32 before the arg-max (the
-    ensembles average float32 logits). The cast does not undo the forward's bf16 rounding of the
-    logits."""
-    if isinstance(run.data, StreamData):  # section 6: decoded from disk, scored in shards
-        return evaluate_stream(run, model, evaluate)
-    model.eval()
-    data, correct = run.data, {}
-    for s in range(0, len(data.test_y), run.args.eval_batch_size):
-        x = run.layout((data.test_x[s:s + run.args.eval_batch_size].float() / 255 - data.mean) / data.std)
-        y = data.test_y[s:s + run.args.eval_batch_size]
-        with run.autocast():
-            outs = evaluate(model, x)
-        for name, logits in outs.items():
-            correct[name] = correct.get(name, 0) + (logits.float().argmax(-1) == y).sum()
-    model.train()
-    return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
-
-
-def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None, show=(),
-        deployed_net=None):
-    """The epoch loop every method shares; the method supplies the parts it owns.
-
-    model:      nn.Module holding every weight of the method (checkpointed; eval mode while scoring).
-    optimizers: {name: Optimizer} every optimiser (checkpointed); the LR schedule scales each group's
-                initial LR by lr_factor(epoch).
-    train_step(model, optimizers, x, y, epoch, step, run) -> {term: detached scalar tensor}, with 'loss'.
-                epoch and step are 0-based; step counts batches over the whole run. x is a batch, or a list
-                of `views` independently augmented copies of it.
-    evaluate(model, x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
-    averages:   {name: [model names]} extra columns: the mean of those models' accuracies (e.g. 'peer_avg').
-    show:       the loss terms the console row shows besides 'loss' (metrics.jsonl keeps every term).
-    deployed_net(model, args) -> the deployed model as a plain backbone (build_backbone's, or
-                MultiBranch.single's); when given, a finished run also writes it to deployed.pt.
-    Stops early after --stop-after epochs (checkpoint kept; returns {'stopped_after_epoch', ...}, no
-    final.json); on Ctrl-C prints the command that resumes and exits with status 130; on a non-finite
-    loss term stops with a one-line error, keeping the last good checkpoint.
-    """
-    args, ckpt_path = run.args, os.path.join(run.out, "checkpoint.pt")
-    _open_out(run)
-    gen = torch.Generator(device=run.device).manual_seed(args.seed)
-    start, history, best = 0, [], {"acc": -1.0, "epoch": 0}
-    if args.resume:
-        start, history, best = _load_checkpoint(run, ckpt_path, model, optimizers, gen)
-    dist_prepare(run, model, optimizers)  # section 6: under torchrun, gradients averaged
-    if args.compile:
-        compile_model(model)
-    n_train = len(run.data.train_y)
-    print(f"{run.method}.py | {args.arch} | {args.dataset} ({n_train} train / {len(run.data.test_y)} test, "
-          f"{run.num_classes} classes) | {run.device.type}{' bf16' if run.amp else ''} | seed {args.seed} | "
-          f"{args.epochs} epochs | out {run.out}", flush=True)
-    print("config " + json.dumps(dataclasses.asdict(args)), flush=True)
-    steps_per_epoch = run.steps_per_epoch
-    header_done, train_time, images = False, sum(h["sec"] for h in history), sum(h["images"] for h in history)
-    saved = start  # the epoch the checkpoint on disk holds (0: none yet)
-    try:
-        for epoch in range(start, args.epochs):
-            if args.stop_after and epoch - start == args.stop_after:
-                again = resume_command(run)
-                print(f"stopped after epoch {epoch} of {args.epochs} (--stop-after {args.stop_after}); "
-                      f"continue with: {again}", flush=True)
-                return {"stopped_after_epoch": epoch, "out": run.out, "resume_command": again}
-            lr = set_lr(run, optimizers, epoch)
-            model.train()
-            names, seen = None, 0
-            t0 = time.perf_counter()
-            for i, (x, y) in enumerate(train_batches(run, gen, views)):
-                step = epoch * steps_per_epoch + i
-                logs = train_step(model, optimizers, x, y, epoch, step, run)
-                dist_sync_buffers(model)  # section 6: under torchrun, rank 0's BN statistics
-                # BOILERPLATE: every logged term in one device vector: a few kernels per step whatever
-                # the number of terms, and no host sync inside the epoch (read once per epoch below).
-                vals = torch.stack([v.detach().float() for v in logs.values()])  # (terms,)
-                if names is None:
-                    names, sums, bad = list(logs), torch.zeros_like(vals), torch.full_like(vals, -1.0)
-                sums += vals * len(y)
-                # the first non-finite step of each term
-                bad = torch.where((bad < 0) & ~torch.isfinite(vals), float(step), bad)
-                seen += len(y)
-                if args.log_every and (i + 1) % args.log_every == 0:
-                    print(f"  step {i + 1}/{steps_per_epoch} loss {logs['loss'].item():.4f}", flush=True)
-            sums = dict(zip(names, sums.tolist()))
-            bad_steps = {k: int(at) for k, at in zip(names, bad.tolist()) if at >= 0}
-            if bad_steps:  # name every term that first went non-finite at the earliest bad step
-                first = min(bad_steps.values())
-                terms = ", ".join(repr(k) for k, at in bad_steps.items() if at == first)
-                kept = (f"the checkpoint of epoch {saved} is kept in {run.out!r}" if saved
-                        else "no checkpoint was written")
-                fail(f"non-finite loss ({terms}) at epoch {epoch + 1}, step "
-                     f"{first - epoch * steps_per_epoch + 1} of {steps_per_epoch}; stopped, {kept} "
-                     f"(lower --lr?)")
-            _sync(run.device)
-            sec = time.perf_counter() - t0
-            accs = evaluate_all(run, model, evaluate)
-            for name, members in (averages or {}).items():
-                accs[name] = sum(accs[m] for m in members) / len(members)
-            train_time, images = train_time + sec, images + seen
-            row = {"epoch": epoch + 1, "lr": lr,
-                   **{k: v / seen for k, v in sums.items()}, **{f"acc/{k}": v for k, v in accs.items()},
-                   "sec": sec, "images": seen, "images_per_s": seen / sec}
-            history.append(row)
-            if accs[deployed] > best["acc"]:
-                best = {"acc": accs[deployed], "epoch": epoch + 1}
-            # BOILERPLATE: the console row: the loss and the terms the method shows, the deployed model's
-            # accuracy and its best so far, the averages, time.
-            cols = {"epoch": f"{epoch + 1}", "lr": f"{row['lr']:.4f}", "loss": f"{row['loss']:.4f}",
-                    **{k: f"{row[k]:.4f}" for k in show}, deployed: f"{accs[deployed]:.2f}",
-                    "best": f"{best['acc']:.2f}", **{k: f"{accs[k]:.2f}" for k in averages or {}},
-                    "sec": f"{sec:.1f}", "img/s": f"{seen / sec:.0f}"}
-            if not header_done:
-                print(f"({deployed}: the deployed model's top-1 %, best: its best so far; every term and "
-                      f"model: {os.path.join(run.out, 'metrics.jsonl')})", flush=True)
-                print(" | ".join(f"{c:>{max(6, len(c))}}" for c in cols), flush=True)
-                header_done = True
-            print(" | ".join(f"{v:>{max(6, len(c))}}" for c, v in cols.items()), flush=True)
-            _write_text(os.path.join(run.out, "metrics.jsonl"),
-                        "".join(json.dumps(h) + "\n" for h in history))
-            save_checkpoint(ckpt_path, {
-                "epoch": epoch + 1, "meta": _meta(run), "history": history, "best": best,
-                "deployed": deployed, "data": data_info(run.data), "model": model.state_dict(),
-                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                # BOILERPLATE: the run device's RNG only (another GPU count must not matter)
-                "device": run.device.type, "device_rng": _device_rng(run.device),
-                "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
-                "args": dataclasses.asdict(args)})
-            saved = epoch + 1
-        if deployed_net is not None:  # before final.json: a run with final.json has its deployed.pt
-            net = deployed_net(model, args)
-            payload = deployed_payload(net, deployed, run.method, args.dataset, data_info(run.data),
-                                       test_acc=history[-1][f"acc/{deployed}"],
-                                       epoch=history[-1]["epoch"], test_subset=args.test_subset,
-                                       bf16=run.amp)
-            save_checkpoint(os.path.join(run.out, "deployed.pt"), payload, what="deployed network")
-    except KeyboardInterrupt:  # Ctrl-C: the checkpoint on disk is the last completed epoch, consistent as is
-        if saved:
-            print(f"interrupted in epoch {saved + 1}; the checkpoint of epoch {saved} is kept in "
-                  f"{run.out!r}; resume with: {resume_command(run)}", file=sys.stderr, flush=True)
-        else:
-            print("interrupted in epoch 1, before the first checkpoint; nothing to resume",
-                  file=sys.stderr, flush=True)
-        raise SystemExit(130)  # the shell's status for 'ended by SIGINT'
-    last = history[-1]
-    models = {k[4:]: v for k, v in last.items() if k.startswith("acc/")}
-    final = {**_meta(run), "epochs": args.epochs, "seed": args.seed, "device": _device_name(run.device),
-             "deployed": deployed, **({"deployed_arch": net.arch} if deployed_net else {}),
-             "test_acc": models[deployed], "best_test_acc": best["acc"],
-             "best_epoch": best["epoch"], "models": models, "train_loss": last["loss"],
-             "train_time_s": train_time, "images_per_s": images / max(train_time, 1e-9),
-             "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
-             "date": datetime.date.today().isoformat(), "torch": torch.__version__}
-    final.update(dist_summary(run))  # section 6: under torchrun, the processes and the launch
-    _write_json(os.path.join(run.out, "final.json"), final)
-    parts = [f"{deployed} {final['test_acc']:.2f} (last) {best['acc']:.2f} (best, epoch {best['epoch']})"]
-    parts += [f"{k} {v:.2f}" for k, v in models.items() if k != deployed] + [f"{train_time / 60:.1f} min"]
-    print("final | " + " | ".join(parts), flush=True)
-    return final
-
-
-def resume_command(run):
-    """The command line that continues this run: the script, every flag that differs from its default,
-    the output folder and --resume (floats print in full precision, so the values are exactly these)."""
-    script = sys.argv[0] if os.path.basename(sys.argv[0]) == f"{run.method}.py" else f"{run.method}.py"
-    parts = [os.path.basename(sys.executable) or "python", script]
-    if world() > 1:  # section 6: launched by torchrun, continued by torchrun
-        parts[:1] = ["torchrun", f"--nproc-per-node={world()}"]
-    for f in dataclasses.fields(run.args):
-        value, flag = getattr(run.args, f.name), "--" + f.name.replace("_", "-")
-        if f.name in ("out", "resume") or value == f.default:
-            continue
-        parts += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
-    return " ".join(shlex.quote(p) for p in parts + ["--out", run.out, "--resume"])
-
-
-def _meta(run):
-    return {"method": run.method, "arch": run.args.arch, "dataset": run.args.dataset,
-            "num_classes": run.num_classes}
-
-
-def _device_rng(device):
-    """The RNG state of the run's own device (CUDA: this GPU only; MPS), None on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.get_rng_state(device)
-    return torch.mps.get_rng_state() if device.type == "mps" else None
-
-
-def _device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-
-
-def _load_checkpoint(run, path, model, optimizers, gen):
-    try:
-        # On the CPU: RNG states must be CPU byte tensors; load_state_dict copies weights and optimiser state
-        # onto the model's device.
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        fail(f"--resume: cannot read checkpoint {path!r} ({type(e).__name__}); it is corrupt or not "
-             "a checkpoint")
-    old = ck.get("meta") if isinstance(ck, dict) else None
-    if old != _meta(run):
-        theirs = ", ".join(f"{k} {v}" for k, v in old.items()) if isinstance(old, dict) else "unknown"
-        ours = ", ".join(f"{k} {v}" for k, v in _meta(run).items())
-        fail(f"--resume: checkpoint {path!r} is from another run ({theirs}), not this one ({ours}); "
-             "choose another --out")
-    try:
-        model.load_state_dict(ck["model"])
-        for k, o in optimizers.items():
-            o.load_state_dict(ck["optimizers"][k])
-    except (RuntimeError, KeyError, ValueError) as e:  # e.g. another --num-peers: name the flags that changed
-        old, new = ck.get("args", {}), dataclasses.asdict(run.args)
-        changed = [f"--{k.replace('_', '-')} {old[k]} -> {new[k]}" for k in new
-                   if k in old and old[k] != new[k]
-                   and k not in ("resume", "stop_after", "out", "log_every")]
-        fail(f"--resume: the weights in {path!r} do not fit this model ({type(e).__name__}); "
-             f"changed since that run: {', '.join(changed) or 'nothing recorded'}")
-    torch.set_rng_state(ck["torch_rng"])  # the CPU RNG: restorable on any device
-    # Older checkpoints: no "device" key, every visible GPU's RNG state as "cuda_rng".
-    saved = ck.get("device", "cuda" if ck.get("cuda_rng") is not None else "cpu")
-    if saved == run.device.type:
-        gen.set_state(ck["gen"])
-        rng = ck.get("device_rng") if "device" in ck else (ck.get("cuda_rng") or [None])[0]
-        if rng is not None and run.device.type == "cuda":
-            torch.cuda.set_rng_state(rng, run.device)
-        elif rng is not None and run.device.type == "mps":
-            torch.mps.set_rng_state(rng)
-    else:  # a CUDA generator's state cannot be set on a CPU one (nor the reverse): continue, say so
-        gen.manual_seed(run.args.seed + 1_000_003 * ck["epoch"])
-        print(f"warning: --resume: {path!r} was written on {saved}, this run is on "
-              f"{run.device.type}: weights, optimiser state and schedule continue, but the "
-              f"data-order and augmentation RNG restarts (seeded from --seed and the epoch), so "
-              f"the run is not bit-for-bit an uninterrupted one", file=sys.stderr, flush=True)
-    if "python_rng" in ck:  # checkpoints written before these two were saved lack them
-        random.setstate(ck["python_rng"])
-        np.random.set_state(ck["numpy_rng"])
-    print(f"resumed from {path} after epoch {ck['epoch']}", flush=True)
-    return ck["epoch"], ck["history"], ck["best"]
-
-
-
-# ==================================================================================================
-# 6. Beyond CIFAR: folders of any image size, folders streamed from disk, the ImageNet ResNet-18/34,
-#    the ImageNet recipe (LR warm-up), multi-GPU through torchrun. None of it runs on the CIFAR path
-#    (32 px, in memory, one process): the hooks in sections 1-5 call in only for another size, a
-#    streamed folder, a recipe or a torchrun launch. docs/beyond-cifar.md, docs/distributed.md.
-# ==================================================================================================
-# ----- 6a. Arguments: checks, the recipe preset, LR warm-up -----
-RECIPES = {
-    # FFSD Sec. IV-A, ImageNet: SGD, Nesterov momentum 0.9, weight decay 1e-4, 90 epochs, batch 256,
-    # the LR warmed up linearly to 0.8 over 5 epochs and divided by 10 after epochs 30 and 60.
-    # (Streamed folders train on 224 px crops by default, --image-size 0.)
-    "imagenet": dict(epochs=90, batch_size=256, lr=0.8, lr_decay_at="0.3333,0.6667", lr_gamma=0.1,
-                     momentum=0.9, nesterov=True, weight_decay=1e-4, lr_warmup_epochs=5),
-}
-
-
-def check_beyond_cifar(args):
-    """One-line errors for the flags of this section (called by check_args)."""
-    if args.image_size < 0 or args.image_size % 32:
-        fail(f"--image-size must be 0 (the data's own size) or a multiple of 32 (every backbone "
-             f"halves its maps up to 5 times), got {args.image_size}")
-    if args.dataset != "folder" and args.image_size not in (0, 32):
-        fail(f"--image-size {args.image_size}: {args.dataset} images are 32x32; other sizes need "
-             f"--dataset folder")
-    if args.dataset != "folder" and args.loader == "stream":
-        fail(f"--loader stream reads an image folder (--dataset folder), not --dataset "
-             f"{args.dataset}")
-
-
-def apply_recipe(args):
-    """--recipe NAME: every field the recipe names that is still at its default takes the recipe's
-    value (a flag given with another value wins). In place, so that the Args object the method
-    builds its optimisers from sees the values too."""
-    if args.recipe == "none":
-        return args
-    defaults = {f.name: f.default for f in dataclasses.fields(args)}
-    for name, value in RECIPES[args.recipe].items():
-        if getattr(args, name) == defaults[name]:
-            setattr(args, name, value)
-    return args
-
-
-def lr_warmup(epoch, args):
-    """Linear LR warm-up (Goyal et al.; FFSD's ImageNet recipe): the 0-based epoch e < W uses
-    (e + 1) / W of the scheduled LR, so epoch W - 1 is the first at the full LR. 1.0 when off
-    (W = --lr-warmup-epochs = 0), which leaves lr_factor exactly as it was.
-    NOTE(deviation): one value per epoch (fit sets the LR once per epoch); Goyal et al. ramp the LR
-    per iteration."""
-    W = args.lr_warmup_epochs
-    return (epoch + 1) / W if epoch < W else 1.0
-
-
-# ----- 6b. Folders of any fixed image size, held in memory -----
-def check_folder_image(path, img, first, size, split):
-    """A folder held in memory: every image of a split has the size of its first, `first` = (path,
-    (H, W)), or `size` when given (--image-size for train, the train images' side for test); that
-    size is a square whose side is a multiple of 32 (crop padding side / 8; every backbone halves
-    its maps up to 5 times)."""
-    (h, w), (fh, fw) = img.shape[1:], first[1]
-    if size and (h, w) != (size, size):
-        why = ("like the train split" if split == "test"
-               else f"(--image-size {size}; other sizes: --loader stream)")
-        fail(f"image {path!r} is {w}x{h}, expected {size}x{size} {why}")
-    if (h, w) != (fh, fw):
-        fail(f"image {path!r} is {w}x{h}, expected {fw}x{fh} like {first[0]!r} (a folder held in "
-             f"memory has one image size per split; mixed sizes: --loader stream)")
-    if path == first[0] and (h != w or h % 32):
-        fail(f"image {path!r} is {w}x{h}, expected 32x32, 64x64 or another square whose side is a "
-             f"multiple of 32 (a folder held in memory; other sizes: --loader stream "
-             f"--image-size S)")
-
-
-def channel_stats(x, chunk=1024):
-    """Per-channel mean and (unbiased) std of uint8 images (N, 3, H, W) in [0, 1] units, summed in
-    float64 chunks: no float copy of the whole split (Tiny-ImageNet's would take 4.9 GB).
-    Returns two (1, 3, 1, 1) float tensors."""
-    s, s2 = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    for i in range(0, len(x), chunk):
-        f = x[i:i + chunk].to(torch.float64) / 255
-        s, s2 = s + f.sum(dim=(0, 2, 3)), s2 + f.pow(2).sum(dim=(0, 2, 3))
-    n = x.numel() // 3
-    mean = s / n
-    std = ((s2 - n * mean ** 2) / (n - 1)).clamp_min(0).sqrt()
-    return mean.float().view(1, 3, 1, 1), std.float().view(1, 3, 1, 1)
-
-
-# ----- 6c. The ImageNet ResNets -----
-def imagenet_resnet(depth, num_classes):
-    """torchvision's ResNet-18/34 (torchvision.models.resnet18/34, weights=None, torchvision's own
-    init) as a Net: stem = conv7x7/2 + BN + ReLU + max-pool/2; stages = layer1..4 (64, 128, 256, 512
-    channels; 56, 28, 14, 7 px at 224 px); pool = global average; fc. split = 3: a multi-branch
-    network shares the stem and layer1-3, each branch owns layer4 and fc."""
-    import torchvision
-    tv = getattr(torchvision.models, f"resnet{depth}")(weights=None, num_classes=num_classes)
-    stem = nn.Sequential(tv.conv1, tv.bn1, tv.relu, tv.maxpool)
-    stages = [tv.layer1, tv.layer2, tv.layer3, tv.layer4]
-    return Net(stem, stages, nn.Sequential(tv.avgpool, nn.Flatten()), tv.fc, [64, 128, 256, 512],
-               split=3)
-
-
-# ----- 6d. Folders streamed from disk (--loader stream; ImageNet) -----
-@dataclass
-class StreamData:
-    """An image folder read from disk batch by batch: paths and labels; images decoded when used."""
-    train_files: list
-    train_y: torch.Tensor  # (N,) int64, on the training device
-    test_files: list
-    test_y: torch.Tensor
-    mean: torch.Tensor  # (1, 3, 1, 1) float in [0, 1] units, from a sample of the train split
-    std: torch.Tensor
-    classes: list
-    size: int  # S: train and test crops are S x S
-
-
-def folder_loader(args):
-    """'memory' or 'stream' for --dataset folder. --loader auto streams when the decoded train split
-    would exceed --memory-budget-gb (the first train image's size x the number of files), or when
-    --image-size asks for another size than that image's."""
-    if args.loader != "auto":
-        return args.loader
-    paths, _, _ = list_folder(args.data_dir, "train")
-    try:
-        h, w = _load(paths[0], keep_jpeg=False).shape[1:]
-    except SystemExit:  # not an image: the in-memory reader names the file
-        return "memory"
-    if args.image_size and (h, w) != (args.image_size, args.image_size):
-        return "stream"
-    too_big = (args.subset or len(paths)) * 3 * h * w > args.memory_budget_gb * 1e9
-    return "stream" if too_big else "memory"
-
-
-def load_stream(args, device):
-    """--dataset folder, streamed: list both splits (class-balanced subsets as in load_data) and
-    estimate the normalisation on a train sample; beyond_batches and evaluate_stream decode."""
-    S = args.image_size or 224
-    train, ty, classes = list_folder(args.data_dir, "train")
-    test, vy, _ = list_folder(args.data_dir, "test", classes)
-    for name, n, y in (("subset", args.subset, ty), ("test_subset", args.test_subset, vy)):
-        if n > len(y):
-            fail(f"--{name.replace('_', '-')} {n} is larger than the split ({len(y)} images)")
-    if args.subset:
-        keep = balanced_first(ty, args.subset, len(classes))
-        train, ty = [train[i] for i in keep.tolist()], ty[keep]
-    if args.test_subset:
-        keep = balanced_first(vy, args.test_subset, len(classes))
-        test, vy = [test[i] for i in keep.tolist()], vy[keep]
-    if len(test) < world():
-        fail(f"the test split has {len(test)} images, fewer than the {world()} processes "
-             f"sharing it")
-    mean, std = _stream_stats(train, S)
-    where = "on the GPU (nvJPEG)" if device.type == "cuda" else "on the CPU"
-    print(f"data: streaming {len(train)} train / {len(test)} test images of {args.data_dir!r} from "
-          f"disk, {S} px crops, JPEGs decoded {where}", flush=True)
-    return StreamData(train, ty.to(device), test, vy.to(device), mean.to(device), std.to(device),
-                      classes, S)
-
-
-_POOL = None
-
-
-def _pool():
-    """Threads that read the files (and decode those the GPU does not); torchvision's decoders
-    release the GIL. Shared by the processes of one machine: cores / LOCAL_WORLD_SIZE, 2 to 16."""
-    global _POOL
-    if _POOL is None:
-        cores = (os.cpu_count() or 2) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        _POOL = ThreadPoolExecutor(max(2, min(16, cores)))
-    return _POOL
-
-
-def _load(path, keep_jpeg):
-    """One file: its bytes (uint8 (n,)) when keep_jpeg and it is a JPEG (decoded later, batched, on
-    the GPU), else the decoded (3, H, W) uint8 RGB image."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
-    try:
-        data = read_file(path)
-        if keep_jpeg and data[:3].tolist() == [0xFF, 0xD8, 0xFF]:
-            return data
-        return decode_image(data, mode=ImageReadMode.RGB)
-    except Exception:  # BOILERPLATE: said by whichever process reads the file, hence not fail()
-        raise SystemExit(f"error: cannot decode image {path!r} (not an image file torchvision "
-                         f"can read)")
-
-
-def _submit(paths, device):
-    """Start reading `paths` in the background (the next batch is read while this one trains)."""
-    return [_pool().submit(_load, p, device.type == "cuda") for p in paths]
-
-
-def _collect(futures, device):
-    """The images of _submit: a list of (3, H_i, W_i) uint8 tensors on `device`. On a GPU the JPEGs
-    are decoded there in one call, torchvision.io.decode_jpeg(list, device='cuda'); other formats,
-    and JPEGs nvJPEG refuses (CMYK), on the CPU."""
-    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
-    items = [f.result() for f in futures]
-    raw = [i for i, t in enumerate(items) if t.dim() == 1]  # JPEG bytes (GPU runs only)
-    if raw:
-        try:
-            decoded = decode_jpeg([items[i] for i in raw], mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
-            decoded = [decode_image(items[i], mode=ImageReadMode.RGB) for i in raw]
-        for i, img in zip(raw, decoded):
-            items[i] = img
-    return [t.to(device, non_blocking=True) for t in items]
-
-
-def rrc_boxes(hw, u, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision's RandomResizedCrop.get_params for a batch, from uniform numbers u (B, 22) drawn
-    beforehand (so that every process and every resume draws the same numbers): up to 10 tries, area
-    fraction u[:, :10] of `scale`, log aspect u[:, 10:20] of log `ratio`; the first crop that fits
-    is placed at u[:, 20:22] of the free room; if none fits, the central crop with the aspect
-    clamped to `ratio`. hw: (B, 2) image sizes (H, W). Returns (B, 4) int64 (top, left, h, w)."""
-    hw, u = hw.double(), u.double()
-    H, W = hw[:, :1], hw[:, 1:]  # (B, 1)
-    area = H * W * (scale[0] + (scale[1] - scale[0]) * u[:, :10])  # (B, 10)
-    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 10:20])
-    w, h = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # (B, 10)
-    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
-    w, h, ok = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(1)
-    H, W = H[:, 0], W[:, 0]
-    in_ratio = W / H  # fallback: the whole image, cut to the nearest allowed aspect ratio
-    w = torch.where(ok, w, torch.where(in_ratio > ratio[1], torch.round(H * ratio[1]), W))
-    h = torch.where(ok, h, torch.where(in_ratio < ratio[0], torch.round(W / ratio[0]), H))
-    top = torch.where(ok, torch.floor(u[:, 20] * (H - h + 1)), torch.floor((H - h) / 2))
-    left = torch.where(ok, torch.floor(u[:, 21] * (W - w + 1)), torch.floor((W - w) / 2))
-    return torch.stack([top, left, h, w], 1).long()
-
-
-def crop_resize(img, box, S):
-    """(3, H, W) uint8 -> the box (top, left, height, width) resized to (1, 3, S, S) float in
-    [0, 255] (bilinear with antialiasing, as torchvision's resized_crop on tensors)."""
-    top, left, h, w = box
-    x = img[None, :, top:top + h, left:left + w].float()
-    return F.interpolate(x, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
-
-
-def center_crop(img, S):
-    """The test transform: the shorter side resized to round(256 S / 224) (256 at 224 px), then the
-    central S x S (torchvision's Resize + CenterCrop on tensors). (3, H, W) uint8 -> (1, 3, S, S)
-    float."""
-    R, (H, W) = round(256 * S / 224), img.shape[1:]
-    size = (R, int(R * W / H)) if H <= W else (int(R * H / W), R)
-    x = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True,
-                      align_corners=False)
-    top, left = int(round((size[0] - S) / 2.0)), int(round((size[1] - S) / 2.0))
-    return x[..., top:top + S, left:left + S]
-
-
-def _stream_stats(files, S, k=1024):
-    """Normalisation of a streamed folder: per-channel mean and std of up to k train images spread
-    evenly over the split, at the test transform, decoded on the CPU (the same in every process)."""
-    pick = torch.linspace(0, len(files) - 1, min(k, len(files))).round().long().unique().tolist()
-    cpu = torch.device("cpu")
-    s, s2 = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
-    for img in _collect(_submit([files[i] for i in pick], cpu), cpu):
-        f = center_crop(img, S).double() / 255
-        s, s2 = s + f.sum(dim=(0, 2, 3)), s2 + f.pow(2).sum(dim=(0, 2, 3))
-    n = len(pick) * S * S
-    mean = s / n
-    std = ((s2 - n * mean ** 2) / max(n - 1, 1)).clamp_min(1e-12).sqrt()
-    return mean.float().view(1, 3, 1, 1), std.float().view(1, 3, 1, 1)
-
-
-def _share(s, n, bs):
-    """This process's contiguous slice [lo, hi) of the global batch that starts at s (of n)."""
-    b, W, r = min(bs, n - s), world(), rank()
-    return s + r * b // W, s + (r + 1) * b // W
-
-
-def beyond_batches(run, gen, views):
-    """train_batches for a streamed folder or under torchrun. Every process draws the same global
-    permutation and the same augmentation numbers for the whole global batch, in the order one
-    process draws them, and keeps its contiguous share: the union over the processes is the
-    one-process batch. Under torchrun only full global batches (bs / world images per process)."""
-    data, bs, N = run.data, run.args.batch_size, len(run.data.train_y)
-    perm = torch.randperm(N, generator=gen, device=data.train_y.device)
-    starts = range(0, N - 1, bs) if world() == 1 else range(0, N - bs + 1, bs)
-    if isinstance(data, StreamData):
-        yield from _stream_batches(run, gen, views, perm, starts)
-        return
-    for s in starts:
-        idx, (lo, hi) = perm[s:s + bs], _share(s, N, bs)
-        # BOILERPLATE: augment the whole global batch (one process's draws), keep this share.
-        xb = [run.layout(augment(data.train_x[idx], data, gen, run.args.pad_mode)[lo - s:hi - s])
-              for _ in range(views)]
-        yield (xb[0] if views == 1 else xb), data.train_y[perm[lo:hi]]
-
-
-def _stream_batches(run, gen, views, perm, starts):
-    """beyond_batches for a streamed folder: decode this process's share of each batch (the next
-    batch is read while this one trains), then crop, resize and flip it for each view."""
-    data, bs, N = run.data, run.args.batch_size, len(run.data.train_y)
-    order = perm.tolist()
-
-    def read(s):  # start reading this process's share of the batch that begins at s
-        lo, hi = _share(s, N, bs)
-        return _submit([data.train_files[i] for i in order[lo:hi]], run.device)
-    pending = read(starts[0]) if len(starts) else []
-    for k, s in enumerate(starts):
-        (lo, hi), b = _share(s, N, bs), min(bs, N - s)
-        imgs = _collect(pending, run.device)
-        if k + 1 < len(starts):
-            pending = read(starts[k + 1])
-        hw = torch.tensor([tuple(img.shape[1:]) for img in imgs])  # (b / W, 2)
-        xb = []
-        for _ in range(views):
-            # Per image of the GLOBAL batch: 22 numbers for the crop (rrc_boxes), 1 for the flip.
-            u = torch.rand(b, 23, generator=gen, device=gen.device)[lo - s:hi - s]
-            boxes = rrc_boxes(hw, u[:, :22].cpu()).tolist()
-            x = torch.cat([crop_resize(im, box, data.size) for im, box in zip(imgs, boxes)])
-            x = torch.where((u[:, 22] < 0.5).to(x.device)[:, None, None, None], x.flip(-1), x)
-            xb.append(run.layout((x / 255 - data.mean) / data.std))  # (b / W, 3, S, S)
-        yield (xb[0] if views == 1 else xb), data.train_y[perm[lo:hi]]
-
-
-@torch.no_grad()
-def evaluate_stream(run, model, evaluate):
-    """evaluate_all for a streamed folder: each process scores its contiguous shard of the test
-    split (test transform: center_crop); the correct counts are summed over the processes."""
-    data, ebs, n = run.data, run.args.eval_batch_size, len(run.data.test_y)
-    lo, hi = rank() * n // world(), (rank() + 1) * n // world()
-    starts = range(lo, hi, ebs)
-    read = lambda s: _submit(data.test_files[s:min(s + ebs, hi)], run.device)
-    model.eval()
-    names, correct, pending = None, None, read(starts[0])
-    for k, s in enumerate(starts):
-        imgs = _collect(pending, run.device)
-        if k + 1 < len(starts):
-            pending = read(starts[k + 1])
-        x = torch.cat([center_crop(img, data.size) for img in imgs])  # (b, 3, S, S)
-        x, y = run.layout((x / 255 - data.mean) / data.std), data.test_y[s:s + len(imgs)]
-        with run.autocast():
-            outs = evaluate(model, x)
-        hits = torch.stack([(z.float().argmax(-1) == y).sum() for z in outs.values()])  # (models,)
-        names, correct = list(outs), hits if correct is None else correct + hits
-    if world() > 1:
-        dist.all_reduce(correct)
-    model.train()
-    return {name: 100.0 * c / n for name, c in zip(names, correct.tolist())}
-
-
-# ----- 6e. Multi-GPU: torchrun --nproc-per-node N <method>.py ... (docs/distributed.md) -----
-# The gradients are averaged by torch.distributed.all_reduce in a step pre-hook of every optimiser,
-# not by a DistributedDataParallel wrapper: the methods call their sub-networks directly (PCL
-# model.student and model.mean, DML each net, FFSD Net.features of every network), so DDP, or its
-# composable replicate(), on the top model never sees those forward passes and would synchronise
-# nothing, and wrapping each part would change every method file. The hook sees every gradient of
-# every optimiser (FFSD's Adams too), however the forward passes are composed; the price is that
-# communication does not overlap the backward pass.
-def world():
-    """Processes of this run: torchrun's WORLD_SIZE once dist_setup has joined the group, else 1."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def quiet_unless_rank0():
-    """For fail(): under torchrun every process runs the same checks and meets the same error; a
-    process other than rank 0 exits without a message (status 1), after a pause that lets rank 0's
-    line come out first (torchrun stops the other processes as soon as one fails)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
-        time.sleep(3)
-        raise SystemExit(1)
-
-
-def dist_setup(args, device):
-    """Under torchrun (WORLD_SIZE > 1): check the launch, join the process group (nccl on CUDA,
-    gloo on CPU), use GPU LOCAL_RANK, silence stdout on ranks > 0. Returns the device to train on
-    (unchanged for one process)."""
-    W = int(os.environ.get("WORLD_SIZE", "1"))
-    if W == 1:
-        return device
-    if args.batch_size % W:
-        fail(f"--batch-size {args.batch_size} is not divisible by the {W} processes torchrun "
-             f"started (each takes batch-size / processes images of every global batch)")
-    if args.sync_bn and device.type != "cuda":
-        fail("--sync-bn needs CUDA GPUs (PyTorch's SyncBatchNorm has no CPU kernels); without it "
-             "BatchNorm runs per process")
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_available():
-        fail(f"torchrun started {W} processes but this PyTorch build has no torch.distributed; "
-             f"run one process")
-    if not (dist.is_nccl_available() if backend == "nccl" else dist.is_gloo_available()):
-        fail(f"torchrun on {device.type.upper()} needs the {backend} backend, which this PyTorch "
-             f"build lacks" + ("; try --device cpu (gloo)" if backend == "nccl" else ""))
-    if device.type == "cuda":
-        local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", W)), torch.cuda.device_count()
-        if local_world > gpus:
-            fail(f"torchrun started {local_world} processes on this machine but {gpus} GPU(s) are "
-                 f"visible; use --nproc-per-node {gpus} or fewer (one GPU per process)")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        try:
-            dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
-        except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else ""
-            fail(f"torchrun: cannot join the process group ({type(e).__name__}: {first})")
-        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    if rank() > 0:
-        sys.stdout = open(os.devnull, "w")  # BOILERPLATE: only rank 0 prints (and writes)
-    bn = "synchronised (--sync-bn)" if args.sync_bn else "per process"
-    print(f"torchrun: {W} processes ({backend}), {args.batch_size // W} images of every global "
-          f"batch of {args.batch_size} each, BatchNorm {bn}", flush=True)
-    return device
-
-
-def dist_prepare(run, model, optimizers):
-    """Under torchrun, before the first step: SyncBatchNorm if asked; every process starts from
-    rank 0's weights and buffers (as DDP does); every optimiser averages the gradients over the
-    processes before it steps."""
-    if world() == 1:
-        return
-    if run.steps_per_epoch == 0:
-        fail(f"the train split ({len(run.data.train_y)} images) is smaller than one global batch "
-             f"(--batch-size {run.args.batch_size}); under torchrun only full global batches are "
-             f"used")
-    if run.args.sync_bn:  # in place: the optimisers keep the same Parameter objects
-        nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    _broadcast(list(model.parameters()) + list(model.buffers()))
-    for opt in optimizers.values():
-        opt.register_step_pre_hook(_average_gradients)
-
-
-def dist_summary(run):
-    """final.json fields of a torchrun run (none for one process): processes, BatchNorm mode and the
-    command with its launcher."""
-    if world() == 1:
-        return {}
-    script = " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])
-    return {"processes": world(), "sync_bn": run.args.sync_bn,
-            "command": f"torchrun --nproc-per-node={world()} {script}"}
-
-
-def dist_sync_buffers(model):
-    """After every train step under torchrun: every process takes rank 0's buffers (BatchNorm
-    running statistics, those of PCL's train-mode mean model included), as DDP's broadcast_buffers
-    and nn.DataParallel do. Evaluation and checkpoints then see the same model everywhere."""
-    if world() > 1:
-        _broadcast(list(model.buffers()))
-
-
-@torch.no_grad()
-def _average_gradients(optimizer, args, kwargs):
-    """Optimiser step pre-hook: every gradient becomes its mean over the processes (one all_reduce
-    per dtype), so that every process takes the same step, the step of the whole global batch."""
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    for dtype in sorted({g.dtype for g in grads}, key=str):
-        same = [g for g in grads if g.dtype == dtype]
-        flat = torch.cat([g.reshape(-1) for g in same])
-        dist.all_reduce(flat)  # sum over the processes
-        flat /= world()
-        for g, v in zip(same, flat.split([g.numel() for g in same])):
-            g.copy_(v.view(g.shape))
-
-
-@torch.no_grad()
-def _broadcast(tensors):
-    """Rank 0's values into `tensors` on every process (one broadcast per dtype)."""
-    for dtype in sorted({t.dtype for t in tensors}, key=str):
-        same = [t for t in tensors if t.dtype == dtype]
-        flat = torch.cat([t.reshape(-1) for t in same])
-        dist.broadcast(flat, 0)
-        for t, v in zip(same, flat.split([t.numel() for t in same])):
-            t.copy_(v.view(t.shape))

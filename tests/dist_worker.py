@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
+import beyond  # noqa: E402
 import common  # noqa: E402
 
 torch.set_num_threads(1)  # the same float sums as the test's one-thread reference
@@ -26,7 +27,7 @@ def main(dump, runs):
         def recording_fit(run, model, *a, **kw):
             result = fit(run, model, *a, **kw)
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            torch.save(state, os.path.join(dump, f"{name}-rank{common.rank()}.pt"))
+            torch.save(state, os.path.join(dump, f"{name}-rank{beyond.rank()}.pt"))
             return result
         common.fit = recording_fit
         module = importlib.import_module(method)

@@ -1,4 +1,4 @@
-"""GPU check for section 6 of common.py (not part of `make test`, which is CPU only):
+"""GPU check for beyond.py (not part of `make test`, which is CPU only):
 
     python tests/gpu_check.py          # on a machine with one GPU or more; a few minutes
 
@@ -22,6 +22,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 from torchvision.io import write_jpeg  # noqa: E402
 
+import beyond  # noqa: E402
 import common  # noqa: E402
 
 FAILED = []
@@ -49,8 +50,8 @@ def jpeg_folder(root, n, size):
 def decoding(tmp):
     root = jpeg_folder(os.path.join(tmp, "dec"), 64, (120, 160))
     paths, _, _ = common.list_folder(root, "train")
-    gpu = common._collect(common._submit(paths, torch.device("cuda")), torch.device("cuda"))
-    cpu = common._collect(common._submit(paths, torch.device("cpu")), torch.device("cpu"))
+    gpu = beyond._collect(beyond._submit(paths, torch.device("cuda")), torch.device("cuda"))
+    cpu = beyond._collect(beyond._submit(paths, torch.device("cpu")), torch.device("cpu"))
     diff = max((a.cpu().float() - b.float()).abs().mean().item() for a, b in zip(gpu, cpu))
     report("nvJPEG vs CPU decoding", diff <= 1.5, f"largest mean |difference| {diff:.3f} levels")
 

@@ -1,4 +1,4 @@
-"""Beyond CIFAR (common.py section 6 and its hooks): folders of any image size (64 px: crop padding
+"""Beyond CIFAR (beyond.py, and the in-memory folders of common.py): folders of any image size (64 px: crop padding
 8, every backbone, FFSD's taps and SD modules, a run of every method), the Tiny-ImageNet converter,
 folders streamed from disk (ImageNet's crop and test transforms, epoch / seed / resume semantics,
 per-process shares), the ImageNet ResNet-18/34, the LR warm-up and the ImageNet recipe."""
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torchvision.io import write_jpeg, write_png
 
 from helpers import ROOT, fake_run, tmpdir
+import beyond  # noqa: E402
 import common
 from test_backbones import STAGES
 
@@ -165,7 +166,7 @@ class TestNetworksAt64(unittest.TestCase):
         torch.manual_seed(0)
         net = common.build_backbone("vgg16", 10).eval()
         old = copy.deepcopy(net)
-        old.pool = nn.Sequential(nn.MaxPool2d(2), nn.Flatten())  # the definition before section 6
+        old.pool = nn.Sequential(nn.MaxPool2d(2), nn.Flatten())  # the definition before larger images
         x = torch.randn(2, 3, 32, 32)
         with torch.no_grad():
             self.assertTrue(torch.equal(net(x), old(x)))
@@ -348,8 +349,8 @@ class TestStream(unittest.TestCase):
         return common.TrainArgs(**{**base, **kw})
 
     def run_of(self, args):
-        data = common.load_data(args, torch.device("cpu"))
-        return common.Run(args, "baseline", torch.device("cpu"), data, "", False, False)
+        data = beyond.load_data(args, torch.device("cpu"))
+        return beyond.BeyondRun(args, "baseline", torch.device("cpu"), data, "", False, False)
 
     def test_random_resized_crop_boxes_are_torchvisions(self):
         g = torch.Generator().manual_seed(0)
@@ -357,7 +358,7 @@ class TestStream(unittest.TestCase):
                         torch.tensor([[10, 1000], [1000, 10], [50, 60], [375, 500]])])
         u = torch.rand(len(hw), 22, generator=g, dtype=torch.float64)
         u[300:302, :10] = 0.99  # extreme aspect, large areas: no try fits, the central fallback
-        boxes = common.rrc_boxes(hw, u).tolist()
+        boxes = beyond.rrc_boxes(hw, u).tolist()
         for (H, W), uu, box in zip(hw.tolist(), u.tolist(), boxes):
             self.assertEqual(box, rrc_reference(H, W, uu), (H, W))
         self.assertEqual(boxes[300], [0, 493, 10, 13])  # 10 x 1000: full height, aspect 4/3
@@ -365,26 +366,26 @@ class TestStream(unittest.TestCase):
     def test_crop_and_test_transforms_are_torchvisions(self):
         import torchvision.transforms.v2.functional as TF
         img = torch.randint(0, 256, (3, 120, 160), dtype=torch.uint8)
-        out = common.crop_resize(img, (10, 20, 90, 70), 64)
+        out = beyond.crop_resize(img, (10, 20, 90, 70), 64)
         ref = TF.resized_crop(img.float(), 10, 20, 90, 70, [64, 64], antialias=True)
         torch.testing.assert_close(out[0], ref, rtol=0, atol=1e-4)
         # 73 = round(256 * 64 / 224)
         ref = TF.center_crop(TF.resize(img.float(), [73], antialias=True), [64, 64])
-        torch.testing.assert_close(common.center_crop(img, 64)[0], ref, rtol=0, atol=1e-4)
+        torch.testing.assert_close(beyond.center_crop(img, 64)[0], ref, rtol=0, atol=1e-4)
 
     def test_streamed_batches_statistics_and_seed_semantics(self):
         run = self.run_of(self.args())
         data = run.data
-        self.assertIsInstance(data, common.StreamData)
+        self.assertIsInstance(data, beyond.StreamData)
         self.assertEqual((len(data.train_files), data.test_y.tolist()), (8, [0, 0, 1, 1]))
-        test_view = lambda p: common.center_crop(common._load(p, False), 64)
+        test_view = lambda p: beyond.center_crop(beyond._load(p, False), 64)
         crops = torch.cat([test_view(p) for p in data.train_files])
         crops = crops.double() / 255  # the normalisation: these 8 images at the test transform
         close = lambda a, b: torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-5)
         close(data.mean, crops.mean(dim=(0, 2, 3), keepdim=True))
         close(data.std, crops.std(dim=(0, 2, 3), keepdim=True))
         gen = lambda seed: torch.Generator().manual_seed(seed)
-        epoch = lambda seed, views=1: list(common.train_batches(run, gen(seed), views))
+        epoch = lambda seed, views=1: list(run.batches(gen(seed), views))
         a, b, c = epoch(0), epoch(0), epoch(1)
         self.assertEqual([tuple(x.shape) for x, _ in a], [(4, 3, 64, 64)] * 2)
         perm = torch.randperm(8, generator=gen(0))
@@ -399,15 +400,17 @@ class TestStream(unittest.TestCase):
     def test_each_process_takes_its_share_of_the_one_process_batch(self):
         stream = self.run_of(self.args())
         memory = fake_run(common.TrainArgs(dataset="fake", device="cpu", batch_size=8), n=16)
+        memory = beyond.BeyondRun(memory.args, "baseline", memory.device, memory.data, "", False, False)
         for run in (stream, memory):
             with self.subTest(data=type(run.data).__name__):
-                whole = list(common.train_batches(run, torch.Generator().manual_seed(5), 2))
+                one_process = common.train_batches if run is memory else beyond.shared_batches
+                whole = list(one_process(run, torch.Generator().manual_seed(5), 2))
                 shares = []
                 for r in (0, 1):
-                    with mock.patch.object(common, "world", return_value=2), \
-                            mock.patch.object(common, "rank", return_value=r):
+                    with mock.patch.object(beyond, "world", return_value=2), \
+                            mock.patch.object(beyond, "rank", return_value=r):
                         gen = torch.Generator().manual_seed(5)
-                        shares.append(list(common.train_batches(run, gen, 2)))
+                        shares.append(list(beyond.shared_batches(run, gen, 2)))
                 self.assertEqual(len(shares[0]), len(whole))
                 for (xw, yw), (x0, y0), (x1, y1) in zip(whole, *shares):
                     self.assertTrue(torch.equal(torch.cat([y0, y1]), yw))
@@ -432,11 +435,11 @@ class TestStream(unittest.TestCase):
         net.load_state_dict(a)
         net.eval()
         with torch.no_grad():
-            test_view = lambda p: common.center_crop(common._load(p, False), 64)
+            test_view = lambda p: beyond.center_crop(beyond._load(p, False), 64)
             x = torch.cat([test_view(p) for p in run.data.test_files])
             logits = net((x / 255 - run.data.mean) / run.data.std)
         hits = (logits.argmax(-1) == run.data.test_y).sum().item()
-        got = common.evaluate_all(run, net, baseline.evaluate)
+        got = run.score(net, baseline.evaluate)
         self.assertEqual(got, {"net": 100.0 * hits / 4})
 
 
@@ -454,10 +457,10 @@ class TestRecipeAndWarmup(unittest.TestCase):
     def test_imagenet_recipe_fills_the_flags_left_at_default(self):
         baseline, ffsd = importlib.import_module("baseline"), importlib.import_module("ffsd")
         argv = ["--recipe", "imagenet", "--epochs", "3"]
-        args = common.apply_recipe(common.parse_args(baseline.Args, argv))
+        args = beyond.apply_recipe(common.parse_args(baseline.Args, argv))
         self.assertEqual((args.epochs, args.batch_size, args.lr, args.weight_decay, args.momentum,
                           args.nesterov, args.lr_warmup_epochs), (3, 256, 0.8, 1e-4, 0.9, True, 5))
-        args = common.apply_recipe(ffsd.Args(recipe="imagenet"))
+        args = beyond.apply_recipe(ffsd.Args(recipe="imagenet"))
         self.assertEqual((args.epochs, args.weight_decay, args.sd_lr, args.fusion_wd),
                          (90, 1e-4, 1e-3, 1e-5))
         for e, factor in ((4, 1.0), (29, 1.0), (30, 0.1), (59, 0.1), (60, 0.01)):  # /10 at 30, 60

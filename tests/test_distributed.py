@@ -1,4 +1,4 @@
-"""Multi-process training (common.py section 6e): a real 2-process torchrun launch on the CPU (gloo)
+"""Multi-process training (beyond.py, section 3): a real 2-process torchrun launch on the CPU (gloo)
 against a one-process reference that takes the two halves of every global batch separately (per-half
 BatchNorm statistics, as per-process BatchNorm gives) and averages their gradients before every
 optimiser step; identical processes; resume under torchrun; one-line launch errors.
@@ -16,6 +16,7 @@ from unittest import mock
 import torch
 
 from helpers import ROOT, tmpdir  # noqa: F401  (helpers puts the repository on sys.path, 1 thread)
+import beyond  # noqa: E402
 import common
 
 TINY = dict(arch="resnet8", dataset="fake", subset=32, test_subset=20, batch_size=16, device="cpu",
@@ -206,7 +207,7 @@ class TestLaunchErrors(unittest.TestCase):
             for k in drop:
                 os.environ.pop(k, None)
             common.setup(args, "baseline")
-        self.assertFalse(common.world() > 1)  # nothing joined
+        self.assertFalse(beyond.world() > 1)  # nothing joined
         return str(e.exception)
 
     def test_batch_not_divisible_by_processes(self):
@@ -219,10 +220,10 @@ class TestLaunchErrors(unittest.TestCase):
         self.assertIn("--sync-bn needs CUDA GPUs", self.setup_error({}, sync_bn=True))
 
     def test_missing_backend(self):
-        with mock.patch.object(common.dist, "is_gloo_available", return_value=False):
+        with mock.patch.object(beyond.dist, "is_gloo_available", return_value=False):
             self.assertEqual(self.setup_error({}), "error: torchrun on CPU needs the gloo backend, "
                                                    "which this PyTorch build lacks")
-        with mock.patch.object(common.dist, "is_available", return_value=False):
+        with mock.patch.object(beyond.dist, "is_available", return_value=False):
             self.assertIn("has no torch.distributed", self.setup_error({}))
 
     def test_no_rendezvous_is_one_line(self):
