@@ -68,7 +68,8 @@ class CodePointers(unittest.TestCase):
 
     def test_a_broken_pointer_is_reported(self):
         """The checker itself: a pointer to code that is not there, a missing file, a dead link."""
-        text = "`pcl.py`: `def ema_decay(g, beta)` `pcl.py`: `def no_such_function(` `gone.py`: `x` [a](nowhere.md)"
+        text = ("`pcl.py`: `def ema_decay(g, beta)` `pcl.py`: `def no_such_function(` `gone.py`: `x` "
+                "[a](nowhere.md)")
         page = "docs/probe.md"
         self.assertEqual(broken(page, text), [
             f"{page}: `def no_such_function(` does not occur in pcl.py",
