@@ -48,6 +48,25 @@ def write_grid(root, grid="g", old=False):
     return root
 
 
+def write_run(root, name, method="pcl", deployed="mt_peer1", finished=True, epochs=3):
+    """A training run's --out folder: config.json, metrics.jsonl (accuracy = 10 * epoch, 'w' logged),
+    and final.json when finished (naming a deployed model unlike the method's usual one, to see which
+    is read)."""
+    d = os.path.join(root, name)
+    os.makedirs(d)
+    with open(os.path.join(d, "config.json"), "w") as f:
+        json.dump({"method": method, "arch": "resnet8", "dataset": "folder",
+                   "data_dir": "data/cifar10-jpeg/", "seed": 0}, f)
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        for e in range(1, epochs + 1):
+            f.write(json.dumps({"epoch": e, "loss": 1.0 / e, f"acc/{deployed}": 10.0 * e,
+                                "acc/other": 1.0, "w": 0.5, "sec": 1.0}) + "\n")
+    if finished:
+        with open(os.path.join(d, "final.json"), "w") as f:
+            json.dump({"deployed": deployed}, f)
+    return d
+
+
 def png_size(path):
     with open(path, "rb") as f:
         head = f.read(24)
@@ -104,8 +123,44 @@ class Curves(unittest.TestCase):
         self.assertEqual(os.listdir(out), [])
 
 
+class StudentRuns(unittest.TestCase):
+    """`python tools/plot.py runs/a runs/b`: a student's own run folders, one curve each."""
+
+    def test_one_group_per_run_labelled_by_its_folder(self):
+        root = tmpdir(self)
+        runs = [write_run(root, "base", "baseline", "net"), write_run(root, "pcl", deployed="peer3"),
+                write_run(root, "pcl-slow", finished=False, epochs=2)]
+        groups = plot.load_runs(runs)
+        self.assertEqual(list(groups), ["base", "pcl", "pcl-slow"])
+        self.assertEqual([g["deployed"] for g in groups.values()], ["net", "peer3", "mt_peer1"],
+                         "final.json's deployed model, else (unfinished) the method's own")
+        self.assertEqual(plot.band(groups["pcl-slow"]["rows"], "acc/mt_peer1")[:2], ([1, 2], [10.0, 20.0]))
+        self.assertEqual((groups["pcl"]["data"], groups["pcl"]["seeds"]), ("folder cifar10-jpeg", [0]))
+        other = write_run(os.path.join(root, "x"), "pcl")
+        self.assertEqual(list(plot.load_runs([runs[1], other])), [runs[1], other],
+                         "two folders of one name: labelled by their paths")
+
+    def test_not_a_run_folder_is_one_line(self):
+        root = tmpdir(self)
+        for argv, needle in (([root], "is not a training run's folder"),
+                             ([write_run(root, "a"), "--grids", "lab"], "not both")):
+            with self.subTest(needle), self.assertRaises(SystemExit) as cm:
+                plot.main(argv)
+            msg = str(cm.exception.code)
+            self.assertTrue(msg.startswith("error: ") and needle in msg and "\n" not in msg, msg)
+
+
 @unittest.skipUnless(HAVE_MPL, "no matplotlib (optional: pip install -r requirements-plot.txt)")
 class Pictures(unittest.TestCase):
+    def test_student_runs_drawn_next_to_them(self):
+        root = tmpdir(self)
+        runs = [write_run(root, "base", "baseline", "net"), write_run(root, "pcl")]
+        written = plot.main(runs)
+        self.assertEqual(written, [os.path.join(root, "runs-acc.png"), os.path.join(root, "runs-losses.png")])
+        self.assertEqual(png_size(written[0]), (700, 450))
+        self.assertEqual(png_size(written[1]), (920, 380))  # one panel per run
+
+
     def test_two_pngs_per_grid(self):
         out = os.path.join(tmpdir(self), "img")
         root = write_grid(write_grid(tmpdir(self), "g"), "h")

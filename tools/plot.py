@@ -9,6 +9,11 @@
     python tools/plot.py                # every grid in results/ with per-epoch logs (make plot)
     python tools/plot.py --grids tiny --out docs/img
 
+Your own runs instead (each a training run's --out folder, finished or not): one curve per run,
+written as runs-acc.png and runs-losses.png into --out (default: the folder holding the first run):
+
+    python tools/plot.py runs/lab1/baseline runs/lab1/pcl     # -> runs/lab1/runs-acc.png, ...
+
 Needs matplotlib, an optional extra used by nothing else here: pip install -r requirements-plot.txt.
 Reading and averaging the logs (load_curves, band) does not need it.
 """
@@ -61,6 +66,45 @@ def load_curves(results_dir, grids=None):
             labelled[" ".join([key[0], *extra])] = groups[key]
         out[grid] = labelled
     return out
+
+
+# A run still in progress has no final.json naming its deployed model yet: each method's own.
+DEPLOYED = {"baseline": "net", "dml": "peer1", "one": "branch1", "okddip": "leader", "pcl": "mt_peer1",
+            "ffsd": "leader"}
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def load_runs(paths):
+    """{label: group} as load_curves' groups, one per run folder (a training run's --out: config.json,
+    metrics.jsonl, and final.json once finished). label = the folder's name (its path if two share it)."""
+    groups = {}
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    for path, name in zip(paths, names):
+        config = _read_json(os.path.join(path, "config.json"))
+        log = os.path.join(path, "metrics.jsonl")
+        if config is None or not os.path.isfile(log):
+            fail(f"{path!r} is not a training run's folder (no config.json and metrics.jsonl: "
+                 f"give the --out of a run that finished at least one epoch)")
+        with open(log) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        final = _read_json(os.path.join(path, "final.json")) or {}
+        deployed = final.get("deployed") or DEPLOYED.get(config["method"])
+        if not rows or f"acc/{deployed}" not in rows[0]:
+            fail(f"{path!r}: no epoch logged with the deployed model's accuracy (acc/{deployed})")
+        data = config["dataset"]
+        if data == "folder":
+            data = f"folder {os.path.basename(os.path.normpath(config['data_dir']))}"
+        groups[name if names.count(name) == 1 else path] = dict(
+            method=config["method"], arch=config["arch"], data=data, seeds=[config["seed"]],
+            rows=[rows], deployed=deployed, synthetic=config["dataset"] == "fake")
+    return groups
 
 
 def band(runs, column):
@@ -126,7 +170,7 @@ def _subtitle(groups):
     return f"{g['arch']}, {data}, {'/'.join(map(str, seeds))} seed(s)"
 
 
-def plot_accuracy(plt, grid, groups, path):
+def plot_accuracy(plt, title, groups, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, g in groups.items():
         epochs, mean, lo, hi = band(g["rows"], f"acc/{g['deployed']}")
@@ -138,7 +182,8 @@ def plot_accuracy(plt, grid, groups, path):
             ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test top-1 % of the deployed model")
-    ax.set_title(f"grid {grid}: {_subtitle(groups)}\nmean over seeds, band = min-max", fontsize=9)
+    several = any(len(g["rows"]) > 1 for g in groups.values())
+    ax.set_title(title + ("\nmean over seeds, band = min-max" if several else ""), fontsize=9)
     _axes_style(ax)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -146,7 +191,7 @@ def plot_accuracy(plt, grid, groups, path):
     plt.close(fig)
 
 
-def plot_losses(plt, grid, groups, path):
+def plot_losses(plt, title, groups, path):
     n = len(groups)
     cols = min(3, n)
     rows = math.ceil(n / cols)
@@ -174,8 +219,8 @@ def plot_losses(plt, grid, groups, path):
                    framealpha=0.7)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"grid {grid}: loss terms per epoch (mean over seeds, log scale); "
-                 f"{_subtitle(groups)}", fontsize=9)
+    name, _, rest = title.partition(": ")
+    fig.suptitle(f"{name}: loss terms per epoch (mean over seeds, log scale); {rest}", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -184,12 +229,17 @@ def plot_losses(plt, grid, groups, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="*", help="run folders (a run's --out) to draw instead of the grids")
     p.add_argument("--results", default=os.path.join(ROOT, "results"), help="the recorded grids")
-    p.add_argument("--out", default=os.path.join(ROOT, "docs", "img"),
-                   help="where the PNG files go")
+    p.add_argument("--out", default=None, help="where the PNG files go (default: docs/img for the "
+                                               "grids, the first run's parent folder for runs)")
     p.add_argument("--grids", default="",
                    help="comma-separated grids (default: every one with per-epoch logs)")
     opts = p.parse_args(argv)
+    if opts.runs:
+        if opts.grids:
+            fail("give run folders or --grids, not both")
+        return draw_runs(opts.runs, opts.out or os.path.dirname(os.path.normpath(opts.runs[0])) or ".")
     wanted = [g for g in opts.grids.split(",") if g]
     curves = load_curves(opts.results, wanted or None)
     missing = [g for g in wanted if g not in curves]
@@ -197,16 +247,31 @@ def main(argv=None):
         fail(f"no per-epoch logs (<run>.metrics.jsonl) for grid(s) {', '.join(missing) or 'any'} "
              f"in {opts.results!r}; `python tools/reproduce.py run <grid>` records them")
     plt = _pyplot()
-    os.makedirs(opts.out, exist_ok=True)
+    out = opts.out or os.path.join(ROOT, "docs", "img")
+    os.makedirs(out, exist_ok=True)
     written = []
     for grid, groups in curves.items():
         for kind, draw in (("acc", plot_accuracy), ("losses", plot_losses)):
-            path = os.path.join(opts.out, f"{grid}-{kind}.png")
-            draw(plt, grid, groups, path)
+            path = os.path.join(out, f"{grid}-{kind}.png")
+            draw(plt, f"grid {grid}: {_subtitle(groups)}", groups, path)
             written.append(path)
         n = sum(len(g["seeds"]) for g in groups.values())
         print(f"grid {grid}: {len(groups)} method(s), {n} runs -> {grid}-acc.png, "
-              f"{grid}-losses.png in {opts.out}", flush=True)
+              f"{grid}-losses.png in {out}", flush=True)
+    return written
+
+
+def draw_runs(paths, out):
+    """runs-acc.png and runs-losses.png of the given run folders, in `out`."""
+    groups = load_runs(paths)
+    plt = _pyplot()
+    os.makedirs(out, exist_ok=True)
+    title = (f"runs: {', '.join(sorted({g['arch'] for g in groups.values()}))}, "
+             f"{', '.join(sorted({g['data'] for g in groups.values()}))}")
+    written = [os.path.join(out, f"runs-{kind}.png") for kind in ("acc", "losses")]
+    plot_accuracy(plt, title, groups, written[0])
+    plot_losses(plt, title, groups, written[1])
+    print(f"{', '.join(groups)} -> {' '.join(written)}", flush=True)
     return written
 
 

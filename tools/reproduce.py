@@ -75,9 +75,9 @@ GRIDS = {
                      "within one std of the baseline is no gain. Every schedule length is scaled with the "
                      "schedule (ramp-up 4 epochs, FFSD warm-up 1 epoch, PCL's temporal-mean horizon 10 steps, "
                      "beta 0.9: the lab's one deviation from the recipe's beta 0.999, whose 1,000-step horizon "
-                     "would span most of these 1,200 steps). min/run: wall minutes of one run (data loading included) with one "
-                     "core, `--jobs 2` running two at a time on 2 cores while other work shared the machine: "
-                     "upper bounds"),
+                     "would span most of these 1,200 steps). min/run: wall minutes (data loading included) of the "
+                     "fastest of the seeds' runs, each on one core of a 2-core CPU (`--jobs 2`) that other work "
+                     "shared: the least disturbed run, still an upper bound"),
 }
 
 # Models reported beside the deployed one (last epoch): the student a teacher came from, the ensembles.
@@ -375,7 +375,7 @@ def summarize(results):
             commits=sorted({(r["code"]["commit"] or "unknown")[:9] + ("+dirty" if r["code"]["dirty"] else "")
                             for r in rs}),
             command=rs[0]["command"],
-            minutes=mean_std([r["wall_time_s"] / 60 for r in rs]),
+            minutes=(min(r["wall_time_s"] for r in rs) / 60, 0.0),  # the least disturbed run (see the note)
             beside={m: mean_std([r["models"][m] for r in rs]) for m in BESIDE.get(method, [])
                     if all(m in r["models"] for r in rs)},
             paper=paper.get(method) if paper_key else None, paper_gain=None, gain=None,

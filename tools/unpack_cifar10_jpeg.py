@@ -68,7 +68,7 @@ def counts_on_disk(root):
     return found
 
 
-def write_split(archive, split, root, npz):
+def write_split(archive, split, root, source):
     blob, off, lab = archive[split]
     seen = [0] * len(archive["classes"])
     for c in archive["classes"]:
@@ -76,7 +76,7 @@ def write_split(archive, split, root, npz):
     for i, y in enumerate(lab.tolist()):
         data = blob[off[i]:off[i + 1]].tobytes()
         if data[:2] != b"\xff\xd8":  # every JPEG file starts with the SOI marker
-            fail(f"{npz!r}: {split} image {i} is not a JPEG file (no FF D8 start marker)")
+            fail(f"{source!r}: {split} image {i} is not a JPEG file (no FF D8 start marker)")
         name = os.path.join(root, split, archive["classes"][y], f"{seen[y]:04d}.jpg")
         with open(name, "wb") as f:
             f.write(data)
@@ -87,18 +87,23 @@ def write_split(archive, split, root, npz):
 
 def unpack(npz, out):
     """Write the tree; returns {split: images written} (0 each when OUT was complete already)."""
-    archive = read_archive(npz)
+    return write_tree(read_archive(npz), out, npz)
+
+
+def write_tree(archive, out, source):
+    """Write an archive as read_archive returns it (also built by cifar10_to_jpeg.py) into OUT, via
+    OUT.partial; `source` names it in errors. Returns {split: images written}."""
     want = expected_counts(archive)
     if os.path.isdir(out):
         if counts_on_disk(out) == want:
             total = sum(sum(v.values()) for v in want.values())
             print(f"{out} already holds the archive's {total} images")
             return {s: 0 for s in SPLITS}
-        fail(f"{out!r} exists and does not hold this archive's images; remove it or choose another")
+        fail(f"{out!r} exists and does not hold the images of {source!r}; remove it or choose another")
     tmp = out.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        written = {s: write_split(archive, s, tmp, npz) for s in SPLITS}
+        written = {s: write_split(archive, s, tmp, source) for s in SPLITS}
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # no half-written tree left behind
         raise
