@@ -1,25 +1,18 @@
-"""common.py: everything that is NOT an online-distillation algorithm. Method files (`baseline.py`,
-`dml.py`, ...) import this module and nothing else of ours; the algorithm itself (losses, train step,
-which models are scored) lives in each method file.
+"""common.py: everything that is NOT an online-distillation algorithm. Method files import this module
+and nothing else of ours; the algorithm (losses, train step, which models are scored) lives in each.
 
-Contents, and what a method file may use from each section:
-  1. CLI bridge      `arg` (a field with its --help, choices and bounds), `TrainArgs` (the shared
-                     flags), `parse_args`, `fail` (a one-line error); an Args class may define
-                     PRESETS for its --preset. check_args validates; the parser is internal.
-  2. Backbones       `build_backbone(arch, num_classes)` -> a `Net` (stem, stages, pool, fc;
-                     `Net.features(x)` = every stage's map, `Net.head(maps)` = the logits),
-                     `BACKBONES`, `num_params`, `init_weights`; `network_archs` (--arch a,b: one
-                     backbone per network) and `peer_names` for methods of separate networks.
-  3. Branching       `MultiBranch(arch, num_classes, m)`: one shared trunk, m branches with their own
-                     weights; forward -> (logits, pooled features, trunk output); `.single(j)`.
-  4. Data            nothing directly: `fit(..., views=m)` asks for m augmented views per batch.
-                     CIFAR / image folder / synthetic `fake` sets, held and augmented on the device.
-  5. Training loop   `setup(args, method)` -> `Run` (`.args`, `.num_classes`, `.steps_per_epoch`,
-                     `.autocast()`, `.to_device()`, `.scalar()`), `sgd`, `adam`, `kd_loss`,
-                     `sigmoid_rampup`, `fp32_region`, `eval_mode`, and
-                     `fit(run, model, optimizers, train_step, evaluate, deployed, ...)`: the epochs.
-  6. Bookkeeping     nothing directly: what fit writes and reads back (metrics.jsonl, checkpoints,
-                     --resume, deployed.pt, final.json).
+What a method file may use, by section (sections 1-5 are the reading path; 6 is plumbing):
+  1. CLI bridge     `arg` (a flag with its --help, choices, bounds), `TrainArgs`, `parse_args`, `fail`.
+  2. Backbones      `build_backbone(arch, C)` -> `Net` (stem, stages, pool, fc; `.features(x)` every
+                    stage's map, `.head(maps)` the logits), `num_params`, `network_archs`, `peer_names`.
+  3. Branching      `MultiBranch(arch, C, m)`: one shared trunk, m branches; `.single(j)`.
+  4. Data           nothing directly: `fit(..., views=m)` asks for m augmented views per batch.
+  5. Training loop  `setup(args, method)` -> `Run` (`.args`, `.num_classes`, `.steps_per_epoch`,
+                    `.autocast()`, `.to_device()`, `.scalar()`), `sgd`, `adam`, `kd_loss`,
+                    `sigmoid_rampup`, `fp32_region`, `eval_mode`, `fit(run, model, optimizers,
+                    train_step, evaluate, deployed, ...)`.
+  6. Plumbing       nothing directly: devices, seeds, metrics.jsonl, checkpoints, --resume,
+                    deployed.pt, final.json.
 Streamed folders, the ImageNet recipe and torchrun live in beyond.py; `setup` hands such a run over.
 """
 import argparse
@@ -843,7 +836,6 @@ def train_batches(run, gen, views=1):
 # =====================================================================================================
 # 5. Training loop: KD helper, schedule, optimisers, the Run, setup, evaluation, fit and its helpers.
 # =====================================================================================================
-
 def kd_loss(student_logits, teacher_logits, T):
     """KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch
     (`reduction='batchmean'`, never 'mean', which would divide by C too). The T^2 keeps the gradient scale of
@@ -852,6 +844,7 @@ def kd_loss(student_logits, teacher_logits, T):
     t = F.log_softmax(teacher_logits.float() / T, dim=-1).flatten(0, -2)
     return T * T * F.kl_div(s, t, reduction="batchmean", log_target=True)
 
+
 def sigmoid_rampup(epoch, length):
     """w(e) = exp(-5 (1 - min(e, L)/L)^2) at the 0-based epoch e: Laine & Aila's sigmoid ramp-up, as
     in the ONE and OKDDip official code (the PCL re-implementation's divides by the wrong constant).
@@ -859,6 +852,7 @@ def sigmoid_rampup(epoch, length):
     if length <= 0:
         return 1.0
     return math.exp(-5.0 * (1.0 - min(epoch, length) / length) ** 2)
+
 
 def lr_factor(epoch, args):
     """Step schedule: x lr_gamma at each milestone (fractions of --epochs; 0.5,0.75 of 300 = epochs 150,
@@ -871,6 +865,7 @@ def lr_factor(epoch, args):
     warmup = (epoch + 1) / warm if epoch < warm else 1.0
     return args.lr_gamma ** sum(epoch >= m for m in milestones) * warmup
 
+
 def sgd(params, args, weight_decay=None):
     """The recipe's SGD (Nesterov momentum 0.9, wd 5e-4 by default); one fused kernel per step on CUDA."""
     params = list(params)
@@ -879,12 +874,14 @@ def sgd(params, args, weight_decay=None):
     return torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, nesterov=args.nesterov,
                            weight_decay=wd, fused=fused or None)
 
+
 def adam(params, lr, weight_decay):
     """Adam (coupled L2 weight decay); fused on CUDA, like sgd: one kernel per step, and it reads a
     device-tensor learning rate (set_lr), which the non-fused CUDA paths cannot without a sync."""
     params = list(params)
     fused = bool(params) and all(p.is_cuda for p in params)  # BOILERPLATE: speed only, same rule
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
 
 def set_lr(run, optimizers, epoch):
     """Every group's LR = its base_lr (the LR it was built with) x lr_factor(epoch); returns the first
@@ -909,6 +906,7 @@ def set_lr(run, optimizers, epoch):
                 g["lr"] = lr
     return first
 
+
 @contextmanager
 def eval_mode(module):
     """The block runs `module` in evaluation mode (BN uses and keeps its running statistics); its
@@ -920,12 +918,14 @@ def eval_mode(module):
     finally:
         module.train(mode)
 
+
 def fp32_region(x):
     """`with fp32_region(x):` autocast off for x's device type: matmul, einsum, bmm and Linear
     inside run in float32 on float32 inputs. CUDA autocast lowers those ops to bf16 whatever their
     inputs' dtype, so a .float() before them is not enough. Nothing changes where no autocast is
     active (CPU runs)."""
     return torch.autocast(device_type=x.device.type, enabled=False)
+
 
 def compile_model(model):
     """--compile: torch.compile, in place (nn.Module.compile: state_dict keys unchanged), the forward
@@ -938,6 +938,7 @@ def compile_model(model):
     else:
         model.compile(dynamic=False)
     return model
+
 
 @dataclass
 class Run:
@@ -1017,25 +1018,6 @@ class Run:
         return {"device": _device_name(self.device), "torch": torch.__version__,
                 "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:])}
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-def _mps_available():
-    mps = getattr(torch.backends, "mps", None)  # Apple's GPU backend (absent from some builds)
-    return bool(mps is not None and mps.is_available())
-
-def pick_device(name):
-    """--device: auto = CUDA if present, else Apple's MPS, else the CPU; cuda, mps: must exist."""
-    if name == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda but no CUDA GPU is visible; choices: auto, cpu, cuda, mps")
-    if name == "mps" and not _mps_available():
-        fail("--device mps but Apple's MPS backend is not available (it needs a Mac with Apple "
-             "silicon and a PyTorch build with MPS); choices: auto, cpu, cuda, mps")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
-    return torch.device(name)
 
 def setup(args, method):
     """Validate the arguments, pick the device, seed, load the data: a Run. --out is created only
@@ -1049,6 +1031,7 @@ def setup(args, method):
         import beyond
         return beyond.setup(args, method)
     return start_run(args, method, pick_device(args.device))
+
 
 def start_run(args, method, device, load=None, cls=Run):
     """The start every run shares: the --arch list, --out and --resume, the seeds, the data
@@ -1080,6 +1063,7 @@ def start_run(args, method, device, load=None, cls=Run):
              f"set has {len(data.train_y)} images; lower --batch-size")
     return run
 
+
 @torch.no_grad()
 def evaluate_all(run, model, evaluate):
     """Top-1 accuracy (%) of every model the method names: evaluate(model, x) -> {name: logits (B, C)},
@@ -1096,6 +1080,7 @@ def evaluate_all(run, model, evaluate):
             correct[name] = correct.get(name, 0) + (logits.float().argmax(-1) == y).sum()
     model.train()
     return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
+
 
 def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None, show=(),
         deployed_net=None):
@@ -1150,9 +1135,36 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
 
 
 # =====================================================================================================
-# 6. Bookkeeping: what fit writes and reads back (the epoch's loss sums, the console row, metrics.jsonl,
-#    checkpoints and --resume, Ctrl-C, the non-finite check, deployed.pt, final.json). No algorithm here.
+# 6. Plumbing: devices and seeds; what fit writes and reads back (the epoch's loss sums, the console row,
+#    metrics.jsonl, checkpoints and --resume, Ctrl-C, the non-finite check, deployed.pt, final.json).
 # =====================================================================================================
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _mps_available():
+    mps = getattr(torch.backends, "mps", None)  # Apple's GPU backend (absent from some builds)
+    return bool(mps is not None and mps.is_available())
+
+
+def pick_device(name):
+    """--device: auto = CUDA if present, else Apple's MPS, else the CPU; cuda, mps: must exist."""
+    if name == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda but no CUDA GPU is visible; choices: auto, cpu, cuda, mps")
+    if name == "mps" and not _mps_available():
+        fail("--device mps but Apple's MPS backend is not available (it needs a Mac with Apple "
+             "silicon and a PyTorch build with MPS); choices: auto, cpu, cuda, mps")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    return torch.device(name)
+
+
+def _device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
 class LossMeter:
     """An epoch's sums of every logged term (weighted by batch size), kept on the device as one
     vector: a few kernels per step whatever the number of terms, no host sync before the epoch's end.
@@ -1175,6 +1187,7 @@ class LossMeter:
     def first_bad_steps(self):
         return {k: int(at) for k, at in zip(self.names, self.bad.tolist()) if at >= 0}
 
+
 def _begin(run, model, optimizers, gen):
     """Before the first epoch: create --out (config.json), or load the checkpoint to continue from;
     prepare the model (run.prepare); print the run's header. Returns (first epoch, history, best)."""
@@ -1196,6 +1209,7 @@ def _begin(run, model, optimizers, gen):
     print("config " + json.dumps(dataclasses.asdict(args)), flush=True)
     return start, history, best
 
+
 @contextmanager
 def _interruptible(run, start):
     """Ctrl-C inside the block: the checkpoint on disk is the last completed epoch, consistent as is;
@@ -1213,12 +1227,14 @@ def _interruptible(run, start):
                   file=sys.stderr, flush=True)
         raise SystemExit(130)  # the shell's status for 'ended by SIGINT'
 
+
 def _stop(run, epoch):
     """--stop-after: stop before `epoch`, the checkpoint kept; say how to continue."""
     again = resume_command(run)
     print(f"stopped after epoch {epoch} of {run.args.epochs} (--stop-after {run.args.stop_after}); "
           f"continue with: {again}", flush=True)
     return {"stopped_after_epoch": epoch, "out": run.out, "resume_command": again}
+
 
 def _stop_if_not_finite(run, meter, epoch, saved):
     """Stop with one line naming every term that first went non-finite at the earliest bad step."""
@@ -1230,6 +1246,7 @@ def _stop_if_not_finite(run, meter, epoch, saved):
     kept = f"the checkpoint of epoch {saved} is kept in {run.out!r}" if saved else "no checkpoint was written"
     fail(f"non-finite loss ({terms}) at epoch {epoch + 1}, step {first - epoch * spe + 1} of {spe}; "
          f"stopped, {kept} (lower --lr?)")
+
 
 def _print_row(run, row, best, deployed, show, averages, header):
     """The console row: the loss and the terms the method shows, the deployed model's accuracy and its
@@ -1244,6 +1261,7 @@ def _print_row(run, row, best, deployed, show, averages, header):
         print(" | ".join(f"{c:>{max(6, len(c))}}" for c in cols), flush=True)
     print(" | ".join(f"{v:>{max(6, len(c))}}" for c, v in cols.items()), flush=True)
 
+
 def _save_epoch(run, model, optimizers, gen, history, best, deployed):
     """After every epoch: metrics.jsonl and the checkpoint everything continues from."""
     if not run.main_process:
@@ -1257,6 +1275,7 @@ def _save_epoch(run, model, optimizers, gen, history, best, deployed):
         "device": run.device.type, "device_rng": _device_rng(run.device),  # this device's RNG only
         "python_rng": random.getstate(), "numpy_rng": np.random.get_state(),
         "args": dataclasses.asdict(run.args)})
+
 
 def _finish(run, model, history, best, deployed, deployed_net):
     """A finished run: deployed.pt (before final.json: a run with final.json has its deployed.pt),
@@ -1285,6 +1304,7 @@ def _finish(run, model, history, best, deployed, deployed_net):
     print("final | " + " | ".join(parts), flush=True)
     return final
 
+
 def resume_command(run):
     """The command line that continues this run: the script, every flag that differs from its default,
     the output folder and --resume (floats print in full precision, so the values are exactly these)."""
@@ -1296,6 +1316,7 @@ def resume_command(run):
             continue
         parts += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts + ["--out", run.out, "--resume"])
+
 
 def _load_checkpoint(run, model, optimizers, gen):
     """--resume: weights, optimiser states, history and every RNG from --out's checkpoint; one-line
@@ -1344,9 +1365,11 @@ def _load_checkpoint(run, model, optimizers, gen):
     print(f"resumed from {path} after epoch {ck['epoch']}", flush=True)
     return ck["epoch"], ck["history"], ck["best"]
 
+
 def _meta(run):
     return {"method": run.method, "arch": run.args.arch, "dataset": run.args.dataset,
             "num_classes": run.num_classes}
+
 
 def _device_rng(device):
     """The RNG state of the run's own device (CUDA: this GPU only; MPS), None on the CPU."""
@@ -1354,8 +1377,6 @@ def _device_rng(device):
         return torch.cuda.get_rng_state(device)
     return torch.mps.get_rng_state() if device.type == "mps" else None
 
-def _device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
 
 def _sync(device):
     """Wait for the device's queued work (so epoch times are real)."""
@@ -1364,14 +1385,17 @@ def _sync(device):
     elif device.type == "mps":
         torch.mps.synchronize()
 
+
 def _write_text(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
+
 def _write_json(path, obj):
     _write_text(path, json.dumps(obj, indent=1) + "\n")
+
 
 def save_checkpoint(path, obj, what="checkpoint"):
     """Write to a temporary file, then rename: a crash, a full disk or Ctrl-C during the save leaves the
@@ -1388,14 +1412,17 @@ def save_checkpoint(path, obj, what="checkpoint"):
             fail(f"cannot write {what} {path!r} ({why}); the previous one is kept")
         raise
 
+
 # BOILERPLATE: deployed.pt = the network a method deploys, as a plain backbone, and what it needs.
 DEPLOYED_FORMAT = "okd-deployed-1"
+
 
 def data_info(data):
     """What a network trained on `data` needs beside its weights: the input normalisation (in [0, 1]
     pixel units, per RGB channel) and the class names (label i = classes[i])."""
     return {"mean": data.mean.flatten().tolist(), "std": data.std.flatten().tolist(),
             "classes": list(data.classes)}
+
 
 def deployed_payload(net, name, method, dataset, info, **extra):
     """deployed.pt's content: `state_dict` (CPU, contiguous) of the plain backbone `net` (from
@@ -1407,6 +1434,7 @@ def deployed_payload(net, name, method, dataset, info, **extra):
     sd = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
     return {"format": DEPLOYED_FORMAT, "arch": net.arch, "num_classes": len(info["classes"]),
             **info, "method": method, "model": name, "dataset": dataset, **extra, "state_dict": sd}
+
 
 def load_deployed(path):
     """Read a deployed.pt: (plain backbone, CPU, eval mode; the file's dict). One-line errors."""
