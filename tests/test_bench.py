@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import bench  # noqa: E402
 
 TINY = ["--device", "cpu", "--archs", "resnet8", "--images", "32", "--batch-size", "8", "--warmup", "1",
-        "--steps", "2", "--loss-steps", "3", "--profile-steps", "1"]
+        "--steps", "2", "--loss-steps", "3", "--profile-steps", "1", "--workers", "0"]
 COLUMNS = {"method", "arch", "batch_size", "ms_per_step", "images_per_s", "x_ref", "bf16_speedup", "losses",
            "bf16_fp32_loss_rel_diff", "peak_mib", "compile_speedup", "compile_s", "kernels_per_step",
            "syncs_per_step", "aten_ops_per_step"}
@@ -37,7 +37,8 @@ class TestBench(unittest.TestCase):
         (row,) = doc["rows"]
         self.assertEqual(set(row), COLUMNS)
         self.assertEqual(set(row["ms_per_step"]), {"fp32", "ref", "compiled"})  # no bf16 on a CPU
-        for key in ("bf16_fp32_loss_rel_diff", "bf16_speedup", "peak_mib", "kernels_per_step", "syncs_per_step"):
+        for key in ("bf16_fp32_loss_rel_diff", "bf16_speedup", "peak_mib", "kernels_per_step",
+                    "syncs_per_step"):
             self.assertIsNone(row[key], key)  # CUDA-only: never a made-up number
         self.assertEqual(len(row["losses"]["fp32"]), 3)
         self.assertTrue(all(0 < v < 10 for v in row["losses"]["fp32"] + row["losses"]["ref"]))
@@ -63,8 +64,9 @@ class TestBench(unittest.TestCase):
     def test_bad_names_stop_with_one_line(self):
         for argv, msg in ((["--methods", "baseline,nosuch"], "--methods nosuch: not one of baseline"),
                           (["--archs", "resnet9"], "--archs resnet9: not one of"),
-                          (["--compile-methods", "pcl", "--methods", "baseline"], "--compile-methods pcl: not one "
-                                                                                 "of baseline")):
+                          (["--compile-methods", "pcl", "--methods", "baseline"],
+                           "--compile-methods pcl: not one of baseline"),
+                          (["--steps", "0"], "--steps must be at least 1, got 0")):
             with self.assertRaises(SystemExit) as e:
                 bench.parse(["--device", "cpu", *argv])
             self.assertIn(msg, str(e.exception))
@@ -78,7 +80,8 @@ class TestBench(unittest.TestCase):
         padded = torch.nn.functional.pad(x[1].float() / 255, (4, 4, 4, 4))
         for v in img:
             self.assertTrue(any(torch.allclose(v, c, atol=1e-6) for oy in range(9) for ox in range(9)
-                                for c in (padded[:, oy:oy + 32, ox:ox + 32], padded[:, oy:oy + 32, ox:ox + 32].flip(-1))))
+                                for c in (padded[:, oy:oy + 32, ox:ox + 32],
+                                          padded[:, oy:oy + 32, ox:ox + 32].flip(-1))))
 
 
 if __name__ == "__main__":

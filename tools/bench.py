@@ -243,7 +243,8 @@ def table(rows):
     for r in rows:
         ms = r["ms_per_step"]
         lines.append(f"{r['method']:<9} {r['arch']:<10} {ms['fp32']:>8.2f} {cell(ms.get('bf16')):>8} "
-                     f"{ms['ref']:>8.2f} {r['x_ref']:>5.2f}x {cell(r['bf16_fp32_loss_rel_diff'], '{:.2%}'):>9} "
+                     f"{ms['ref']:>8.2f} {r['x_ref']:>5.2f}x "
+                     f"{cell(r['bf16_fp32_loss_rel_diff'], '{:.2%}'):>9} "
                      f"{cell(r['peak_mib'], '{:.0f}'):>8} {cell(r['compile_speedup'], '{:.2f}x'):>8} "
                      f"{cell(r['kernels_per_step'], '{:.0f}'):>8} {cell(r['syncs_per_step'], '{:g}'):>6} "
                      f"{cell(r['aten_ops_per_step'], '{:.0f}'):>6}")
@@ -264,42 +265,52 @@ def save(path, obj):
     os.replace(path + ".tmp", path)  # a reader never sees half a file
 
 
+# Settings that depend on the device: (on CUDA, on a CPU).
+DEFAULTS = {"archs": ("resnet32", "resnet8"), "batch_size": (128, 32), "images": (10000, 256),
+            "warmup": (20, 1), "steps": (100, 3), "profile_steps": (5, 1), "workers": (8, 2),
+            "compile_methods": ("baseline,pcl", "")}
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(name, help, type=str):
+        gpu, cpu = DEFAULTS[name]
+        p.add_argument("--" + name.replace("_", "-"), type=type, help=f"{help} (default: {gpu or 'none'} on "
+                                                                      f"CUDA, else {cpu or 'none'})")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated method files")
-    p.add_argument("--archs", default="", help="comma-separated backbones (default: resnet32 on CUDA, "
-                                               "else resnet8)")
-    p.add_argument("--batch-size", type=int, default=0, help="default: 128 on CUDA, else 32")
-    p.add_argument("--images", type=int, default=0, help="synthetic training images (at most 10000; "
-                                                         "default: 10000 on CUDA, else 256)")
-    p.add_argument("--warmup", type=int, default=-1, help="untimed steps first (default: 20 on CUDA, else 1)")
-    p.add_argument("--steps", type=int, default=0, help="timed steps (default: 100 on CUDA, else 3)")
+    add("archs", "comma-separated backbones")
+    add("batch_size", "images per step", int)
+    add("images", "synthetic training images, at most 10000", int)
+    add("warmup", "untimed steps first", int)
+    add("steps", "timed steps", int)
     p.add_argument("--loss-steps", type=int, default=20, help="losses compared, bf16 against fp32")
-    p.add_argument("--profile-steps", type=int, default=0, help="steps counted (default: 5 on CUDA, else 1)")
-    p.add_argument("--workers", type=int, default=-1, help="DataLoader workers of the reference path "
-                                                           "(default: 8 on CUDA, else 0)")
-    p.add_argument("--compile-methods", default=None, help="methods also timed with --compile "
-                                                           "(default: baseline,pcl on CUDA, else none)")
+    add("profile_steps", "steps counted for kernels, syncs and ops", int)
+    add("workers", "DataLoader workers of the reference path", int)
+    add("compile_methods", "methods also timed with --compile")
     p.add_argument("--out", default=os.path.join("runs", "bench.json"), help="the JSON")
     opt = p.parse_args(argv)
     if opt.device == "auto":
         opt.device = "cuda" if torch.cuda.is_available() else "cpu"
     if opt.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench.py: error: --device cuda but no CUDA GPU is visible; choices: auto, cuda, cpu")
-    gpu = opt.device == "cuda"
-    for key, on_gpu, on_cpu in (("archs", "resnet32", "resnet8"), ("batch_size", 128, 32), ("images", 10000, 256),
-                                ("warmup", 20, 1), ("steps", 100, 3), ("profile_steps", 5, 1), ("workers", 8, 0),
-                                ("compile_methods", "baseline,pcl", "")):
-        if getattr(opt, key) in ("", 0, -1, None):
-            setattr(opt, key, on_gpu if gpu else on_cpu)
+        raise SystemExit("bench.py: error: --device cuda but no CUDA GPU is visible; choices: auto, cuda, "
+                         "cpu")
+    for key, (gpu, cpu) in DEFAULTS.items():
+        if getattr(opt, key) is None:
+            setattr(opt, key, gpu if opt.device == "cuda" else cpu)
     for key, known in (("methods", METHODS), ("archs", common.BACKBONES),
                        ("compile_methods", opt.methods.split(","))):
         bad = [v for v in getattr(opt, key).split(",") if v and v not in known]
         if bad:
             raise SystemExit(f"bench.py: error: --{key.replace('_', '-')} {','.join(bad)}: not one of "
                              f"{', '.join(known)}")
+    for key, least in (("steps", 1), ("profile_steps", 1), ("batch_size", 1), ("warmup", 0), ("workers", 0),
+                       ("loss_steps", 0)):
+        if getattr(opt, key) < least:
+            raise SystemExit(f"bench.py: error: --{key.replace('_', '-')} must be at least {least}, "
+                             f"got {getattr(opt, key)}")
     return opt
 
 
@@ -307,7 +318,8 @@ def main(argv=None):
     opt = parse(argv)
     cuda = opt.device == "cuda"
     env = environment(opt.device)
-    doc = {"date": datetime.date.today().isoformat(), "command": " ".join(["tools/bench.py", *(argv or sys.argv[1:])]),
+    command = " ".join(["tools/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    doc = {"date": datetime.date.today().isoformat(), "command": command,
            "env": env, "settings": {k: v for k, v in vars(opt).items() if k != "scratch"}, "rows": [],
            "complete": False}
     print(f"bench | {env['device']} | torch {env['torch']} | batch {opt.batch_size} | {opt.warmup} warm-up + "

@@ -38,7 +38,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE_S, NVSMI_S = 120, 30  # seconds: the GPU probe, nvidia-smi
-LIMIT_S = {"unpack": 600, "bench": 1500, "stream": 600, "beyond": 900}  # a stage's time limit; grid: its budget + 180
+LIMIT_S = {"unpack": 600, "bench": 1500, "stream": 600, "beyond": 900}  # seconds; grid: its budget + 180
 GRID_JOBS = 6
 PROBE = r"""
 import json, torch
@@ -121,10 +121,11 @@ def nvidia_smi():
 def preflight(info):
     """Whether --compile can work: torch.compile (inductor) builds C code with a compiler and Python's
     headers, and on CUDA generates Triton kernels."""
-    cc = os.environ.get("CC") or next((shutil.which(c) for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    cc = os.environ.get("CC") or next(filter(None, map(shutil.which, ("cc", "gcc", "clang"))), None)
     headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
     missing = [] if cc else ["a C compiler (cc, gcc or clang; or set CC)"]
-    missing += [] if os.path.isfile(headers) else [f"Python's headers ({headers}; e.g. the python3-dev package)"]
+    if not os.path.isfile(headers):
+        missing.append(f"Python's headers ({headers}; e.g. the python3-dev package)")
     if info.get("cuda") and "triton" not in info:
         missing.append(f"Triton ({info.get('triton_error', 'not importable')})")
     return {"compile_ok": not missing, "compiler": cc, "python_h": os.path.isfile(headers),
@@ -138,8 +139,9 @@ def child(argv, log_path, timeout):
     (exit status or None when timed out, last lines)."""
     tail = []
     with open(log_path, "w") as log:
-        p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        p = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
         def pump():
             for line in p.stdout:
@@ -230,7 +232,8 @@ class Check:
         argv = ["tools/bench.py", "--out", self.path("bench.json")]
         if dry:
             argv += ["--device", "cpu", "--methods", "baseline", "--images", "32", "--batch-size", "8",
-                     "--warmup", "1", "--steps", "2", "--loss-steps", "2", "--profile-steps", "1"]
+                     "--warmup", "1", "--steps", "2", "--loss-steps", "2", "--profile-steps", "1",
+                     "--workers", "0"]
         if dry or not compile_ok:
             argv += ["--compile-methods", ""]
         res = self.stage("bench", argv, LIMIT_S["bench"])
@@ -266,7 +269,8 @@ class Check:
             ["--data-dir", data]
         res = self.stage("grid", argv, o.grid_budget + 180)
         runs = sorted(glob.glob(self.path("runs", grid, "*")))
-        res["recorded"] = sorted(os.path.basename(p)[:-5] for p in glob.glob(self.path("results", grid, "*.json")))
+        records = glob.glob(self.path("results", grid, "*.json"))
+        res["recorded"] = sorted(os.path.basename(p)[:-len(".json")] for p in records)
         res["unfinished"] = [os.path.basename(r) for r in runs if os.path.basename(r) not in res["recorded"]]
         self.save()
 
@@ -291,9 +295,11 @@ def fmt(v, f="{:.2f}"):
 def render(s):
     p, pre = s.get("probe", {}), s.get("preflight", {})
     lines = [f"# GPU check ({s['mode']}), {s['started']}", "",
-             f"GPU: {p.get('gpu') or 'none'} (nvidia-smi: {p.get('nvidia_smi')}); torch {p.get('torch')}, CUDA "
-             f"{p.get('cuda_build')}, cuDNN {p.get('cudnn')}, Triton {p.get('triton')}; Python {s['python']}.",
-             f"--compile preflight: {'ok' if pre.get('compile_ok') else 'missing ' + '; '.join(pre.get('missing', []))}.",
+             f"GPU: {p.get('gpu') or 'none'} (nvidia-smi: {p.get('nvidia_smi')}); torch {p.get('torch')}, "
+             f"CUDA {p.get('cuda_build')}, cuDNN {p.get('cudnn')}, Triton {p.get('triton')}; "
+             f"Python {s['python']}.",
+             "--compile preflight: " + ("ok." if pre.get("compile_ok") else
+                                        "missing " + "; ".join(pre.get("missing", [])) + "."),
              "", "| stage | status | seconds | note |", "|---|---|---|---|"]
     for name, st in s["stages"].items():
         note = st.get("error") or st.get("note") or ""
