@@ -68,18 +68,21 @@ class PILSet(torch.utils.data.Dataset):
 
 
 def build(name, arch, opt, flags=()):
-    """(module, run, model, optimizers, views) exactly as `<name>.py --arch arch ...flags` builds them."""
+    """(module, run, model, optimizers, views, MiB in use) as `<name>.py --arch arch ...flags` builds
+    them; on CUDA the peak memory counter starts after the data set is on the device."""
     mod = importlib.import_module(name)
     argv = ["--arch", arch, "--dataset", "fake", "--subset", str(opt.images), "--test-subset", "100",
             "--batch-size", str(opt.batch_size), "--device", opt.device, "--drop-last",
             "--out", os.path.join(opt.scratch, name), *flags]
     run = common.setup(common.parse_args(mod.Args, argv), name)
+    in_use = 0
     if run.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+        in_use = torch.cuda.memory_allocated() / 2 ** 20  # the data set, held on the device
     model = run.to_device(mod.build_model(run.args, run.num_classes))
     views = run.args.num_peers if name == "pcl" else 1  # what pcl.py's main passes to fit(views=)
-    return mod, run, model, mod.build_optimizers(model, run.args), views
+    return mod, run, model, mod.build_optimizers(model, run.args), views, in_use
 
 
 def fit_steps(run, optimizers, epoch_batches, epoch=100):
@@ -149,9 +152,8 @@ def run_steps(mod, run, model, optimizers, steps, opt, meter=False):
 def time_path(name, arch, opt, path):
     """One path of one row: {'ms': median ms/step, 'losses': [...], 'peak_mib', 'warm_s'}."""
     flags = {"fp32": FP32, "ref": FP32, "bf16": [], "compiled": ["--compile"]}[path]
-    mod, run, model, optimizers, views = build(name, arch, opt, flags)
+    mod, run, model, optimizers, views, in_use = build(name, arch, opt, flags)
     cuda = run.device.type == "cuda"
-    base = torch.cuda.memory_allocated() if cuda else 0  # the data set, held on the device
     if path == "ref":
         for o in optimizers.values():  # the reference codes' optimisers: no fused kernel
             for g in o.param_groups:
@@ -163,7 +165,7 @@ def time_path(name, arch, opt, path):
         common.compile_model(model)  # what fit does under --compile
     ms, losses, warm_s = run_steps(mod, run, model, optimizers, fit_steps(run, optimizers, batches), opt,
                                    meter=path == "ref")
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else None
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 - in_use if cuda else None
     return {"ms": statistics.median(ms), "losses": losses[:opt.loss_steps], "peak_mib": peak,
             "warm_s": warm_s}
 
@@ -172,7 +174,7 @@ def count_per_step(name, arch, opt):
     """Kernels (CUDA), host syncs (CUDA) and top-level ATen ops per step of the default step, from a few
     steps under torch.profiler and under CUDA's sync debug mode (every sync is one warning)."""
     from torch.profiler import ProfilerActivity, profile
-    mod, run, model, optimizers, views = build(name, arch, opt)
+    mod, run, model, optimizers, views, _ = build(name, arch, opt)
     cuda, n = run.device.type == "cuda", opt.profile_steps
     steps = fit_steps(run, optimizers, device_batches(run, views))
 
