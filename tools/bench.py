@@ -234,6 +234,25 @@ def measure_row(name, arch, opt, cuda):
             "kernels_per_step": None, "syncs_per_step": None, "aten_ops_per_step": None}
 
 
+def compiled(r, opt):
+    got = time_path(r["method"], r["arch"], opt, "compiled")
+    eager = r["ms_per_step"].get("bf16", r["ms_per_step"]["fp32"])  # the default step
+    r["ms_per_step"]["compiled"] = round(got["ms"], 4)
+    r["compile_speedup"] = round(eager / got["ms"], 3)
+    r["compile_s"] = round(got["warm_s"], 1)
+    print(f"  compiled {r['method']} {r['arch']}: {r['compile_speedup']}x", flush=True)
+
+
+def attempt(row, what, fn):
+    """fn(); a failure (a compiler error, no profiler) is written into the row, and the next goes on."""
+    try:
+        fn()
+    except Exception as e:
+        row[f"{what}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        print(f"  {what} {row['method']} {row['arch']} failed: {row[f'{what}_error']}", flush=True)
+    free()
+
+
 def cell(v, fmt="{:.2f}"):
     return "-" if v is None else fmt.format(v)
 
@@ -335,17 +354,10 @@ def main(argv=None):
                 save(opt.out, doc)  # a run stopped part-way keeps the rows measured so far
         for r in rows:  # 2. --compile, in the warm process
             if r["method"] in opt.compile_methods.split(","):
-                got = time_path(r["method"], r["arch"], opt, "compiled")
-                eager = r["ms_per_step"].get("bf16", r["ms_per_step"]["fp32"])  # the default step
-                r["ms_per_step"]["compiled"] = round(got["ms"], 4)
-                r["compile_speedup"] = round(eager / got["ms"], 3)
-                r["compile_s"] = round(got["warm_s"], 1)
-                print(f"  compiled {r['method']} {r['arch']}: {r['compile_speedup']}x", flush=True)
+                attempt(r, "compile", lambda: compiled(r, opt))
                 save(opt.out, doc)
-                free()
         for r in rows:  # 3. counting, after all timing
-            r.update(count_per_step(r["method"], r["arch"], opt))
-            free()
+            attempt(r, "count", lambda: r.update(count_per_step(r["method"], r["arch"], opt)))
     doc["complete"] = True
     save(opt.out, doc)
     print(table(rows))

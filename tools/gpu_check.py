@@ -315,6 +315,8 @@ def render(s):
                          f"{fmt(r['bf16_fp32_loss_rel_diff'], '{:.2%}')} | {fmt(r['peak_mib'], '{:.0f}')} | "
                          f"{fmt(r['compile_speedup'], '{:.2f}x')} | {fmt(r['kernels_per_step'], '{:.0f}')} | "
                          f"{fmt(r['syncs_per_step'], '{:g}')} |")
+        lines += [f"\n{r['method']} {r['arch']}: {k} {v}" for r in rows for k, v in r.items()
+                  if k.endswith("_error")]
     st = s["stages"]
     if "images_per_s" in st.get("stream", {}):
         lines += ["", f"Streamed folder loader: {fmt(st['stream']['images_per_s'], '{:.0f}')} images/s."]
