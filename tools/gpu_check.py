@@ -215,7 +215,8 @@ class Check:
         if dry:
             data = self.dry_folder()
         elif o.npz:
-            self.stage("unpack", ["tools/unpack_cifar10_jpeg.py", o.npz, data], LIMIT_S["unpack"])
+            unpacked = self.stage("unpack", ["tools/unpack_cifar10_jpeg.py", o.npz, data], LIMIT_S["unpack"])
+            data = data if unpacked["status"] == "ok" else ""
         self.bench(dry, pre["compile_ok"])
         self.stream(dry, data)
         self.grid(dry, data)
@@ -236,6 +237,8 @@ class Check:
                      "--workers", "0"]
         if dry or not compile_ok:
             argv += ["--compile-methods", ""]
+        if os.path.isfile(self.path("bench.json")):
+            os.remove(self.path("bench.json"))  # last time's: never read as this time's
         res = self.stage("bench", argv, LIMIT_S["bench"])
         got = read_json(self.path("bench.json")) or {}
         res.update(env=got.get("env"), complete=got.get("complete", False), rows=got.get("rows", []))
@@ -245,7 +248,7 @@ class Check:
 
     def stream(self, dry, data):
         if not data:
-            return self.skip("stream", "no --data-dir or --npz: no image folder to stream")
+            return self.skip("stream", "no image folder (no --data-dir or --npz, or unpacking failed)")
         run = self.path("stream", "run")
         shutil.rmtree(self.path("stream"), ignore_errors=True)  # this check's own run of last time
         size = ["--arch", "resnet8", "--epochs", "1", "--batch-size", "8", "--device", "cpu"] if dry else \
@@ -260,7 +263,8 @@ class Check:
     def grid(self, dry, data):
         o = self.opts
         if not data or not o.grid_budget:
-            return self.skip("grid", "no --data-dir or --npz" if not data else "--grid-budget 0")
+            return self.skip("grid", "--grid-budget 0" if data else "no image folder (no --data-dir or "
+                                                                    "--npz, or unpacking failed)")
         grid = "tiny" if dry else "short"
         argv = ["tools/reproduce.py", "run", grid, "--time-budget", str(o.grid_budget), "--quiet",
                 "--jobs", "1" if dry else str(GRID_JOBS), "--results", self.path("results"),
