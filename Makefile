@@ -2,9 +2,9 @@ PY ?= python3
 METHODS = dml one okddip pcl ffsd
 GRID ?= short
 NPZ ?= $(wildcard local/cifar10_jpeg.npz)
-BUDGET ?= 460
+BUDGET ?= 300
 
-.PHONY: help install test smoke diff bench reproduce report plot assignment grade gpu-check gpu-ingest
+.PHONY: help install test smoke diff bench reproduce report plot assignment grade gpu-check
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -24,7 +24,7 @@ smoke: ## one tiny CPU epoch of every script on the synthetic set; stops at the 
 diff: ## changed lines of each method file against baseline.py
 	@for m in $(METHODS); do [ -f $$m.py ] && printf "  %-10s %4d lines differ from baseline.py\n" $$m.py $$(diff baseline.py $$m.py | grep -c '^[<>]'); done; true
 
-bench: ## training speed of this repo's path vs a DataLoader+PIL+fp32 reference path, in one run (table + runs/bench.json)
+bench: ## per-step speed of every method: fp32, bf16, a DataLoader+PIL reference, --compile, kernels, syncs (table + runs/bench.json)
 	$(PY) tools/bench.py
 
 reproduce: ## run the results grid GRID (tiny, short, table1, table1-jpeg; DATA_DIR=...); run again to continue
@@ -42,8 +42,5 @@ assignment: ## student copy of METHOD=<method> with its algorithm regions blanke
 grade: ## grade a student file with the method's tests: make grade METHOD=pcl FILE=student/pcl.py
 	$(PY) tools/assignment.py grade $(METHOD) $(FILE)
 
-gpu-check: ## the GPU check (< 8 min) into OUT (env OUT, else runs/gpu-check); NPZ=archive; docs/gpu-check.md
-	$(PY) tools/gpu_check.py run --out $(or $(OUT),runs/gpu-check) --budget $(BUDGET) $(if $(NPZ),--npz $(NPZ))
-
-gpu-ingest: ## a copied-back gpu-check folder (OUT=...) -> results/, runs/, speed and results tables
-	$(PY) tools/gpu_check.py ingest $(or $(OUT),runs/gpu-check)
+gpu-check: ## every GPU measurement (bench, streamed loader, grid for BUDGET s) into OUT (default runs/gpu-check); NPZ=archive
+	$(PY) tools/gpu_check.py --out $(or $(OUT),runs/gpu-check) --grid-budget $(BUDGET) $(if $(NPZ),--npz $(NPZ))

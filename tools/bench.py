@@ -1,31 +1,42 @@
-"""make bench: training speed of this repository's path against a reference-style pipeline, in one run.
+"""make bench: the speed of every method's training step, measured in one run (a table and JSON).
 
-For every method file present and every backbone asked for, two paths train the same method code
-(`build_model`, `build_optimizers`, `train_step` of the method file) on the same data:
+Each row times the step `common.fit` runs, built as the script builds it (`common.parse_args` on the
+method's Args, `common.setup`, `build_model`, `build_optimizers`), on the synthetic set with every batch
+full (`--dataset fake --drop-last`): `common.set_lr` at each epoch's start, then the method's
+`train_step` on each batch `common.train_batches` yields. In one process, for every method and backbone:
 
-  ref   the papers' kind of pipeline: a torchvision DataLoader over PIL images with per-image transforms
-        (RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor, Normalize), worker processes, fp32, NCHW,
-        a `.item()` loss meter every step (what the reference codes do);
-  okd   this repository's path: the uint8 set on the device, batched crop/flip there, bf16 autocast and
-        channels_last on CUDA, fused SGD on CUDA, loss sums kept on the device (one sync per measurement).
+  fp32       ms/step with --no-bf16 --no-channels-last
+  bf16       ms/step of the scripts' CUDA default (bf16 autocast, channels_last); on a CPU, where both
+             flags do nothing, '-'
+  ref        ms/step of the papers' kind of pipeline on the same method code: a DataLoader over PIL
+             images with per-image crop and flip in worker processes, fp32, no fused SGD, a `.item()`
+             loss meter every step; 'x ref' = ref / the default step (bf16 on CUDA, fp32 on a CPU)
+  bf16~fp32  the relative difference of the mean loss of the first --loss-steps steps, bf16 against
+             fp32, from the same weights on the same batches (same seed); CUDA only
+  peak MiB   peak GPU memory of the default step, the data set excluded
+  compile    --compile as a ratio: the default step's ms over the compiled one's (--compile-methods,
+             after every eager row: the process is warm), and the seconds its first steps took
+  kernels, syncs, ops   CUDA kernels, host synchronisations (CUDA's sync debug mode) and ATen ops per
+             step of the default step, counted after all timing (a profiler session slows what follows)
 
-Each measurement: warm-up steps, then timed steps (synchronised before reading the clock); the paths are
-interleaved (ref, okd, ref, okd, ...) over --repeats and the median is kept. Prints one table with the ratio
-okd/ref per row and writes it as JSON. Ratios are only comparable within one run (same machine, same load).
+Timing: --warmup untimed steps, then --steps steps, each between two CUDA events (on a CPU the clock);
+the median step is kept. Times compare within one run only (same machine, same load).
 
-    python tools/bench.py                                  # defaults for the machine (CPU: a small size)
-    python tools/bench.py --archs resnet32,wrn20_8 --steps 200 --repeats 3 --out bench.json
-    python tools/bench.py --accuracy --methods baseline,pcl --archs resnet32 --dataset folder \
-        --data-dir data/cifar10-jpeg --epochs 30 --seeds 0,1,2     # same accuracy on both paths?
+    python tools/bench.py                              # sizes for the machine (CPU: resnet8, a few steps)
+    python tools/bench.py --archs resnet32,wrn20_8 --steps 200 --out runs/bench.json
 """
 import argparse
 import datetime
+import gc
 import importlib
 import json
 import os
+import platform
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,6 +47,7 @@ from PIL import Image  # noqa: E402
 import common  # noqa: E402
 
 METHODS = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]
+FP32 = ["--no-bf16", "--no-channels-last"]
 
 
 class PILSet(torch.utils.data.Dataset):
@@ -55,206 +67,302 @@ class PILSet(torch.utils.data.Dataset):
         return (xs[0] if self.views == 1 else torch.stack(xs)), int(self.y[i])
 
 
-def views_of(name, args):
-    return getattr(args, "num_peers", 1) if name == "pcl" else 1
-
-
-def sync(device):
-    if device.type == "cuda":
+def build(name, arch, opt, flags=()):
+    """(module, run, model, optimizers, views, MiB in use) as `<name>.py --arch arch ...flags` builds
+    them; on CUDA the peak memory counter starts after the data set is on the device."""
+    mod = importlib.import_module(name)
+    argv = ["--arch", arch, "--dataset", "fake", "--subset", str(opt.images), "--test-subset", "100",
+            "--batch-size", str(opt.batch_size), "--device", opt.device, "--drop-last",
+            "--out", os.path.join(opt.scratch, name), *flags]
+    run = common.setup(common.parse_args(mod.Args, argv), name)
+    in_use = 0
+    if run.device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        in_use = torch.cuda.memory_allocated() / 2 ** 20  # the data set, held on the device
+    model = run.to_device(mod.build_model(run.args, run.num_classes))
+    views = run.args.num_peers if name == "pcl" else 1  # what pcl.py's main passes to fit(views=)
+    return mod, run, model, mod.build_optimizers(model, run.args), views, in_use
 
 
-def batch_source(path, run, args, data, device, views, workers):
-    """A function that yields one epoch of training batches of the given path (a list of views for PCL)."""
-    if path == "okd":
-        gen = torch.Generator(device=device).manual_seed(args.seed)
-        return lambda: common.train_batches(run, gen, views)
-    ds = PILSet(data.train_x.cpu(), data.train_y.cpu(), data.mean.cpu(), data.std.cpu(), views)
-    torch.manual_seed(args.seed)
-    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=True, drop_last=False,
-                                         num_workers=workers, pin_memory=device.type == "cuda",
+def fit_steps(run, optimizers, epoch_batches, epoch=100):
+    """(epoch, step, x, y) as fit produces them from `epoch` on (ramp-ups done): set_lr at each
+    epoch's start, then that epoch's batches."""
+    step = epoch * run.steps_per_epoch
+    while True:
+        common.set_lr(run, optimizers, epoch)
+        for x, y in epoch_batches():
+            yield epoch, step, x, y
+            step += 1
+        epoch += 1
+
+
+def device_batches(run, views):
+    gen = torch.Generator(device=run.device).manual_seed(run.args.seed)
+    return lambda: common.train_batches(run, gen, views)
+
+
+def reference_batches(run, views, workers):
+    """The papers' pipeline: a shuffling DataLoader over PIL images, copied to the device per batch."""
+    d, dev = run.data, run.device
+    ds = PILSet(d.train_x.cpu(), d.train_y.cpu(), d.mean.cpu(), d.std.cpu(), views)
+    torch.manual_seed(run.args.seed)
+    loader = torch.utils.data.DataLoader(ds, batch_size=run.args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=workers, pin_memory=dev.type == "cuda",
                                          persistent_workers=workers > 0)
 
     def epoch():
         for x, y in loader:
-            x = x.to(device, non_blocking=True)
-            yield (list(x.unbind(1)) if views > 1 else x), y.to(device, non_blocking=True)
+            x = x.to(dev, non_blocking=True)
+            yield (list(x.unbind(1)) if views > 1 else x), y.to(dev, non_blocking=True)
     return epoch
 
 
-def make_run(path, name, args, data, device):
-    """okd: bf16 + channels_last on CUDA (the scripts' default); ref: fp32, NCHW, no fused optimiser."""
-    cuda = device.type == "cuda"
-    return common.Run(args, name, device, data, out="", amp=cuda and path == "okd", channels_last=cuda and path == "okd")
+def mark(cuda):
+    if not cuda:
+        return time.perf_counter()
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
 
 
-def build(path, mod, run, args):
-    torch.manual_seed(args.seed)
-    model = run.to_device(mod.build_model(args, len(run.data.classes)))
-    optimizers = mod.build_optimizers(model, args)
-    if path == "ref":  # the reference codes' optimisers: no fused kernel
-        for o in optimizers.values():
-            for g in o.param_groups:
-                g["fused"] = False
-    return model, optimizers
-
-
-def measure(path, mod, name, args, data, device, opt):
-    """Train `opt.warmup` + `opt.steps` steps of method `mod` on one path; returns images/s and peak memory."""
-    cuda = device.type == "cuda"
-    run = make_run(path, name, args, data, device)
-    model, optimizers = build(path, mod, run, args)
-    epoch_batches = batch_source(path, run, args, data, device, views_of(name, args), opt.workers)
-
-    def batches():
-        while True:
-            yield from epoch_batches()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    it, total, images = batches(), torch.zeros((), device=device), 0
+def run_steps(mod, run, model, optimizers, steps, opt, meter=False):
+    """opt.warmup + opt.steps steps; returns (ms of each timed step, every step's loss, warm-up s)."""
+    cuda = run.device.type == "cuda"
+    model.train()
+    losses, t0 = [], time.perf_counter()
     for i in range(opt.warmup + opt.steps):
         if i == opt.warmup:
-            sync(device)
-            t0 = time.perf_counter()
-        x, y = next(it)
-        images += len(y) if i >= opt.warmup else 0
-        logs = mod.train_step(model, optimizers, x, y, 0, i, run)
-        if path == "ref":
-            total += logs["loss"].item()  # the reference codes' per-step meter: a host sync every step
-        else:
-            total += logs["loss"].detach().float()
-    sync(device)
-    dt = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else float("nan")
-    return {"images_per_s": images / dt, "peak_mib": peak, "final_loss": float(total) / (opt.warmup + opt.steps)}
+            if cuda:
+                torch.cuda.synchronize()
+            warm_s, marks = time.perf_counter() - t0, [mark(cuda)]
+        epoch, step, x, y = next(steps)
+        loss = mod.train_step(model, optimizers, x, y, epoch, step, run)["loss"]
+        losses.append(loss.item() if meter else loss)  # meter: the reference codes' per-step sync
+        if i >= opt.warmup:
+            marks.append(mark(cuda))
+    if cuda:
+        marks[-1].synchronize()
+        ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
+    else:
+        ms = [1000 * (b - a) for a, b in zip(marks, marks[1:])]
+    return ms, [float(v) for v in losses], warm_s
 
 
-DEPLOYED = {"baseline": "net", "dml": "peer1", "one": "branch1", "okddip": "leader", "pcl": "mt_peer1", "ffsd": "leader"}
-
-
-def accuracy(path, mod, name, args, data, device, workers):
-    """Train a whole (short) schedule on one path, as fit() does (LR per epoch), and score the test set."""
-    run = make_run(path, name, args, data, device)
-    model, optimizers = build(path, mod, run, args)
-    epoch_batches = batch_source(path, run, args, data, device, views_of(name, args), workers)
-    for o in optimizers.values():
-        for g in o.param_groups:
-            g["base_lr"] = g["lr"]
-    step = 0
-    for epoch in range(args.epochs):
-        for o in optimizers.values():
+def time_path(name, arch, opt, path):
+    """One path of one row: {'ms': median ms/step, 'losses': [...], 'peak_mib', 'warm_s'}."""
+    flags = {"fp32": FP32, "ref": FP32, "bf16": [], "compiled": ["--compile"]}[path]
+    mod, run, model, optimizers, views, in_use = build(name, arch, opt, flags)
+    cuda = run.device.type == "cuda"
+    if path == "ref":
+        for o in optimizers.values():  # the reference codes' optimisers: no fused kernel
             for g in o.param_groups:
-                g["lr"] = g["base_lr"] * common.lr_factor(epoch, args)
-        model.train()
-        for x, y in epoch_batches():
+                g["fused"] = False
+        batches = reference_batches(run, views, opt.workers)
+    else:
+        batches = device_batches(run, views)
+    if path == "compiled":
+        common.compile_model(model)  # what fit does under --compile
+    ms, losses, warm_s = run_steps(mod, run, model, optimizers, fit_steps(run, optimizers, batches), opt,
+                                   meter=path == "ref")
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 - in_use if cuda else None
+    return {"ms": statistics.median(ms), "losses": losses[:opt.loss_steps], "peak_mib": peak,
+            "warm_s": warm_s}
+
+
+def count_per_step(name, arch, opt):
+    """Kernels (CUDA), host syncs (CUDA) and top-level ATen ops per step of the default step, from a few
+    steps under torch.profiler and under CUDA's sync debug mode (every sync is one warning)."""
+    from torch.profiler import ProfilerActivity, profile
+    mod, run, model, optimizers, views, _ = build(name, arch, opt)
+    cuda, n = run.device.type == "cuda", opt.profile_steps
+    steps = fit_steps(run, optimizers, device_batches(run, views))
+
+    def go(k):
+        for _ in range(k):
+            epoch, step, x, y = next(steps)
             mod.train_step(model, optimizers, x, y, epoch, step, run)
-            step += 1
-    return common.evaluate_all(run, model, mod.evaluate)[DEPLOYED[name]]
+    go(2)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        go(n)
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    ops = [e for e in events if e.name.startswith("aten::")
+           and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::"))]
+    out = {"aten_ops_per_step": len(ops) / n, "kernels_per_step": None, "syncs_per_step": None}
+    if cuda:
+        kernels = [e for e in events if str(e.device_type).endswith("CUDA")
+                   and not e.name.startswith(("Memcpy", "Memset"))]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                go(n)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+        out.update(kernels_per_step=len(kernels) / n, syncs_per_step=len(syncs) / n)
+    return out
 
 
-def accuracy_check(opt, device):
-    """Same schedule, same seeds, both paths: the deployed model's test accuracy, mean +- std over seeds."""
-    rows = []
-    print(f"accuracy | {opt.dataset} | {opt.epochs} epochs | seeds {opt.seeds} | {datetime.date.today().isoformat()}")
-    print(f"{'method':<9} {'arch':<10} {'model':<9} {'ref acc %':>16} {'okd acc %':>16}", flush=True)
-    for arch in opt.archs.split(","):
-        for name in opt.methods.split(","):
-            mod = importlib.import_module(name)
-            got = {"ref": [], "okd": []}
-            for seed in [int(v) for v in opt.seeds.split(",")]:
-                args = common.check_args(mod.Args(arch=arch, dataset=opt.dataset, data_dir=opt.data_dir,
-                                                  subset=opt.subset, test_subset=opt.test_subset, epochs=opt.epochs,
-                                                  batch_size=opt.batch_size, seed=seed, device=device.type))
-                data = common.load_data(args, device)
-                for path in ("ref", "okd"):
-                    got[path].append(accuracy(path, mod, name, args, data, device, opt.workers))
-            ms = {k: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0) for k, v in got.items()}
-            rows.append({"method": name, "arch": arch, "model": DEPLOYED[name], "ref": got["ref"], "okd": got["okd"]})
-            print(f"{name:<9} {arch:<10} {DEPLOYED[name]:<9} {ms['ref'][0]:>9.2f} +- {ms['ref'][1]:<4.2f} "
-                  f"{ms['okd'][0]:>9.2f} +- {ms['okd'][1]:<4.2f}", flush=True)
-    return rows
+def rel_diff(a, b):
+    return abs(statistics.mean(a) - statistics.mean(b)) / max(abs(statistics.mean(b)), 1e-12)
 
 
-def mib(m):
-    return "-" if m["peak_mib"] != m["peak_mib"] else f"{m['peak_mib']:.0f}"  # NaN on CPU: no device memory
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measure_row(name, arch, opt, cuda):
+    paths = {p: time_path(name, arch, opt, p) for p in (["fp32", "bf16", "ref"] if cuda else ["fp32", "ref"])}
+    free()
+    default = paths.get("bf16", paths["fp32"])
+    return {"method": name, "arch": arch, "batch_size": opt.batch_size,
+            "ms_per_step": {p: round(m["ms"], 4) for p, m in paths.items()},
+            "images_per_s": round(opt.batch_size * 1000 / default["ms"], 1),
+            "x_ref": round(paths["ref"]["ms"] / default["ms"], 3),
+            "bf16_speedup": round(paths["fp32"]["ms"] / paths["bf16"]["ms"], 3) if cuda else None,
+            "losses": {p: [round(v, 5) for v in m["losses"]] for p, m in paths.items()},
+            "bf16_fp32_loss_rel_diff": (round(rel_diff(paths["bf16"]["losses"], paths["fp32"]["losses"]), 5)
+                                        if cuda and opt.loss_steps else None),
+            "peak_mib": None if default["peak_mib"] is None else round(default["peak_mib"], 1),
+            "compile_speedup": None, "compile_s": None,
+            "kernels_per_step": None, "syncs_per_step": None, "aten_ops_per_step": None}
+
+
+def compiled(r, opt):
+    got = time_path(r["method"], r["arch"], opt, "compiled")
+    eager = r["ms_per_step"].get("bf16", r["ms_per_step"]["fp32"])  # the default step
+    r["ms_per_step"]["compiled"] = round(got["ms"], 4)
+    r["compile_speedup"] = round(eager / got["ms"], 3)
+    r["compile_s"] = round(got["warm_s"], 1)
+    print(f"  compiled {r['method']} {r['arch']}: {r['compile_speedup']}x", flush=True)
+
+
+def attempt(row, what, fn):
+    """fn(); a failure (a compiler error, no profiler) is written into the row, and the next goes on."""
+    try:
+        fn()
+    except Exception as e:
+        row[f"{what}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        print(f"  {what} {row['method']} {row['arch']} failed: {row[f'{what}_error']}", flush=True)
+    free()
+
+
+def cell(v, fmt="{:.2f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def table(rows):
+    head = (f"{'method':<9} {'arch':<10} {'fp32 ms':>8} {'bf16 ms':>8} {'ref ms':>8} {'x ref':>6} "
+            f"{'bf16~fp32':>9} {'peak MiB':>8} {'compile':>8} {'kernels':>8} {'syncs':>6} {'ops':>6}")
+    lines = [head]
+    for r in rows:
+        ms = r["ms_per_step"]
+        lines.append(f"{r['method']:<9} {r['arch']:<10} {ms['fp32']:>8.2f} {cell(ms.get('bf16')):>8} "
+                     f"{ms['ref']:>8.2f} {r['x_ref']:>5.2f}x "
+                     f"{cell(r['bf16_fp32_loss_rel_diff'], '{:.2%}'):>9} "
+                     f"{cell(r['peak_mib'], '{:.0f}'):>8} {cell(r['compile_speedup'], '{:.2f}x'):>8} "
+                     f"{cell(r['kernels_per_step'], '{:.0f}'):>8} {cell(r['syncs_per_step'], '{:g}'):>6} "
+                     f"{cell(r['aten_ops_per_step'], '{:.0f}'):>6}")
+    return "\n".join(lines)
+
+
+def environment(device):
+    cuda = device == "cuda"
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+            "cuda": torch.version.cuda if cuda else None, "python": platform.python_version(),
+            "cpus": os.cpu_count(), "timer": "CUDA events" if cuda else "perf_counter"}
+
+
+def save(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)  # a reader never sees half a file
+
+
+# Settings that depend on the device: (on CUDA, on a CPU).
+DEFAULTS = {"archs": ("resnet32", "resnet8"), "batch_size": (128, 32), "images": (10000, 256),
+            "warmup": (20, 1), "steps": (100, 3), "profile_steps": (5, 1), "workers": (8, 2),
+            "compile_methods": ("baseline,pcl", "")}
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(name, help, type=str):
+        gpu, cpu = DEFAULTS[name]
+        p.add_argument("--" + name.replace("_", "-"), type=type, help=f"{help} (default: {gpu or 'none'} on "
+                                                                      f"CUDA, else {cpu or 'none'})")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated method files")
+    add("archs", "comma-separated backbones")
+    add("batch_size", "images per step", int)
+    add("images", "synthetic training images, at most 10000", int)
+    add("warmup", "untimed steps first", int)
+    add("steps", "timed steps", int)
+    p.add_argument("--loss-steps", type=int, default=20, help="losses compared, bf16 against fp32")
+    add("profile_steps", "steps counted for kernels, syncs and ops", int)
+    add("workers", "DataLoader workers of the reference path", int)
+    add("compile_methods", "methods also timed with --compile")
+    p.add_argument("--out", default=os.path.join("runs", "bench.json"), help="the JSON")
+    opt = p.parse_args(argv)
+    if opt.device == "auto":
+        opt.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if opt.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.py: error: --device cuda but no CUDA GPU is visible; choices: auto, cuda, "
+                         "cpu")
+    for key, (gpu, cpu) in DEFAULTS.items():
+        if getattr(opt, key) is None:
+            setattr(opt, key, gpu if opt.device == "cuda" else cpu)
+    for key, known in (("methods", METHODS), ("archs", common.BACKBONES),
+                       ("compile_methods", opt.methods.split(","))):
+        bad = [v for v in getattr(opt, key).split(",") if v and v not in known]
+        if bad:
+            raise SystemExit(f"bench.py: error: --{key.replace('_', '-')} {','.join(bad)}: not one of "
+                             f"{', '.join(known)}")
+    for key, least in (("steps", 1), ("profile_steps", 1), ("batch_size", 1), ("warmup", 0), ("workers", 0),
+                       ("loss_steps", 0)):
+        if getattr(opt, key) < least:
+            raise SystemExit(f"bench.py: error: --{key.replace('_', '-')} must be at least {least}, "
+                             f"got {getattr(opt, key)}")
+    return opt
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cuda = torch.cuda.is_available()
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated method files to measure")
-    p.add_argument("--archs", default="resnet32,wrn20_8" if cuda else "resnet8", help="comma-separated backbones")
-    p.add_argument("--batch-size", type=int, default=128 if cuda else 64)
-    p.add_argument("--steps", type=int, default=200 if cuda else 6, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=30 if cuda else 2, help="untimed steps first")
-    p.add_argument("--repeats", type=int, default=3 if cuda else 1, help="interleaved repeats; the median is kept")
-    p.add_argument("--workers", type=int, default=8 if cuda else 2, help="DataLoader workers of the reference path")
-    p.add_argument("--images", type=int, default=10000 if cuda else 2000, help="synthetic training images")
-    p.add_argument("--out", default=os.path.join("runs", "bench.json"), help="where the JSON goes")
-    a = p.add_argument_group("accuracy check (--accuracy): both paths train the same schedule and seeds")
-    a.add_argument("--accuracy", action="store_true", help="compare test accuracy instead of speed")
-    a.add_argument("--dataset", default="fake", help="fake, folder, cifar10 or cifar100")
-    a.add_argument("--data-dir", default="./data", help="as the scripts' --data-dir")
-    a.add_argument("--epochs", type=int, default=3, help="the schedule (LR x0.1 at 50%% and 75%%)")
-    a.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    a.add_argument("--subset", type=int, default=0, help="class-balanced training subset (0 = all)")
-    a.add_argument("--test-subset", type=int, default=0, help="class-balanced test subset (0 = all)")
-    opt = p.parse_args(argv)
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-    if opt.accuracy:
-        rows = accuracy_check(opt, device)
-        _save(opt, {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "settings": vars(opt),
-                    "accuracy": rows})
-        return rows
-    x, y = common.make_fake(opt.images, seed=1)
-    f = x.float() / 255
-    data = common.Data(x.to(device), y.to(device), x[:0].to(device), y[:0].to(device),
-                       f.mean(dim=(0, 2, 3), keepdim=True).to(device), f.std(dim=(0, 2, 3), keepdim=True).to(device),
-                       [f"class{i}" for i in range(10)])
-    rows = []
-    names = [m for m in opt.methods.split(",") if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
-    archs = [a for a in opt.archs.split(",") if a in common.BACKBONES]
-    skipped = sorted(set(opt.archs.split(",")) - set(archs)) + sorted(set(opt.methods.split(",")) - set(names))
-    env = (f"{torch.cuda.get_device_name(device) if cuda else 'cpu'} | torch {torch.__version__} | "
-           f"{os.cpu_count()} CPUs | {opt.workers} workers | batch {opt.batch_size} | {opt.steps} steps x {opt.repeats}")
-
-    def save(rows, complete):
-        _save(opt, {"env": env, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-                    "settings": vars(opt), "rows": rows, "complete": complete}, quiet=not complete)
-
-    print(f"bench | {env} | {datetime.date.today().isoformat()}" + (f" | not available: {', '.join(skipped)}" if skipped else ""))
-    print(f"{'method':<9} {'arch':<10} {'ref img/s':>10} {'okd img/s':>10} {'ratio':>6} {'ref s/ep':>9} {'okd s/ep':>9} "
-          f"{'ref MiB':>8} {'okd MiB':>8}", flush=True)
-    for arch in archs:
-        for name in names:
-            mod = importlib.import_module(name)
-            args = mod.Args(arch=arch, dataset="fake", batch_size=opt.batch_size, device=device.type)
-            got = {"ref": [], "okd": []}
-            for _ in range(opt.repeats):
-                for path in ("ref", "okd"):
-                    got[path].append(measure(path, mod, name, args, data, device, opt))
-            med = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in got.items()}
-            row = {"method": name, "arch": arch, "ref": med["ref"], "okd": med["okd"],
-                   "ratio": med["okd"]["images_per_s"] / med["ref"]["images_per_s"]}
-            rows.append(row)
-            save(rows, complete=False)  # a run stopped part-way keeps the rows measured so far
-            ep = lambda k: 50000 / med[k]["images_per_s"]  # noqa: E731  (seconds per 50k-image epoch)
-            print(f"{name:<9} {arch:<10} {med['ref']['images_per_s']:>10.0f} {med['okd']['images_per_s']:>10.0f} "
-                  f"{row['ratio']:>5.2f}x {ep('ref'):>9.1f} {ep('okd'):>9.1f} {mib(med['ref']):>8} {mib(med['okd']):>8}",
-                  flush=True)
-    save(rows, complete=True)
-    return rows
-
-
-def _save(opt, obj, quiet=False):
-    os.makedirs(os.path.dirname(opt.out) or ".", exist_ok=True)
-    with open(opt.out + ".tmp", "w") as fh:
-        json.dump(obj, fh, indent=1)
-    os.replace(opt.out + ".tmp", opt.out)
-    if not quiet:
-        print(f"wrote {opt.out}")
+    opt = parse(argv)
+    cuda = opt.device == "cuda"
+    env = environment(opt.device)
+    command = " ".join(["tools/bench.py", *(sys.argv[1:] if argv is None else argv)])
+    doc = {"date": datetime.date.today().isoformat(), "command": command,
+           "env": env, "settings": {k: v for k, v in vars(opt).items() if k != "scratch"}, "rows": [],
+           "complete": False}
+    print(f"bench | {env['device']} | torch {env['torch']} | batch {opt.batch_size} | {opt.warmup} warm-up + "
+          f"{opt.steps} timed steps | {doc['date']}", flush=True)
+    rows = doc["rows"]
+    with tempfile.TemporaryDirectory() as opt.scratch:  # --out of each run: never written (no fit)
+        for arch in opt.archs.split(","):  # 1. every eager path of every row
+            for name in opt.methods.split(","):
+                rows.append(measure_row(name, arch, opt, cuda))
+                print(f"  timed {name} {arch}: {rows[-1]['ms_per_step']}", flush=True)
+                save(opt.out, doc)  # a run stopped part-way keeps the rows measured so far
+        for r in rows:  # 2. --compile, in the warm process
+            if r["method"] in opt.compile_methods.split(","):
+                attempt(r, "compile", lambda: compiled(r, opt))
+                save(opt.out, doc)
+        for r in rows:  # 3. counting, after all timing
+            attempt(r, "count", lambda: r.update(count_per_step(r["method"], r["arch"], opt)))
+    doc["complete"] = True
+    save(opt.out, doc)
+    print(table(rows))
+    print(f"wrote {opt.out}")
+    return doc
 
 
 if __name__ == "__main__":
