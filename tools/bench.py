@@ -3,7 +3,8 @@
 Each row times the step `common.fit` runs, built as the script builds it (`common.parse_args` on the
 method's Args, `common.setup`, `build_model`, `build_optimizers`), on the synthetic set with every batch
 full (`--dataset fake --drop-last`): `common.set_lr` at each epoch's start, then the method's
-`train_step` on each batch `common.train_batches` yields. In one process, for every method and backbone:
+`train_step` on each batch `run.batches` yields (fit's batches). In one process, for every method and
+backbone:
 
   fp32       ms/step with --no-bf16 --no-channels-last
   bf16       ms/step of the scripts' CUDA default (bf16 autocast, channels_last); on a CPU, where both
@@ -99,7 +100,7 @@ def fit_steps(run, optimizers, epoch_batches, epoch=100):
 
 def device_batches(run, views):
     gen = torch.Generator(device=run.device).manual_seed(run.args.seed)
-    return lambda: common.train_batches(run, gen, views)
+    return lambda: run.batches(gen, views)  # the batches fit trains on
 
 
 def reference_batches(run, views, workers):
@@ -162,7 +163,7 @@ def time_path(name, arch, opt, path):
     else:
         batches = device_batches(run, views)
     if path == "compiled":
-        common.compile_model(model)  # what fit does under --compile
+        run.prepare(model, optimizers)  # what fit does before the first step: --compile
     ms, losses, warm_s = run_steps(mod, run, model, optimizers, fit_steps(run, optimizers, batches), opt,
                                    meter=path == "ref")
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 - in_use if cuda else None
