@@ -330,7 +330,7 @@ def check_data_folder(data_dir):
 # 2. The report: results/ -> markdown tables
 # =====================================================================================================
 def load_results(results_dir):
-    """Every run record under results/<grid>/ (other JSON there, e.g. results/gpu-check/, is not a run)."""
+    """Every run record under results/<grid>/ (JSON elsewhere under results/ is not a run)."""
     out = []
     for grid in sorted(os.listdir(results_dir)) if os.path.isdir(results_dir) else []:
         d = os.path.join(results_dir, grid)
