@@ -803,6 +803,23 @@ def sigmoid_rampup(epoch, length):
     return math.exp(-5.0 * (1.0 - min(epoch, length) / length) ** 2)
 
 
+def rampup_weight(run, epoch, length, name="w"):
+    """w(e) = sigmoid_rampup(e, length) in the form a train step multiplies by: Run.scalar's 0-d
+    float32 tensor on the run's device, so a CUDA step bakes in no Python number and copies nothing
+    from the host. The same values as the plain number (a loss accepts either)."""
+    return run.scalar(name, sigmoid_rampup(epoch, length))
+
+
+@torch.no_grad()
+def ema_update(mean_tensors, tensors, decay):
+    """The temporal mean (Tarvainen & Valpola 2017): mean <- decay * mean + (1 - decay) * theta, in
+    place, for each pair of `mean_tensors` and `tensors` (the caller chooses which: parameters, not
+    BN buffers, in PCL). decay: a number, or a 0-d tensor on the tensors' device (Run.scalar).
+    Public ops, one pair at a time; the two lists must have the same length."""
+    for mean, theta in zip(mean_tensors, tensors, strict=True):
+        mean.mul_(decay).add_(theta * (1 - decay))
+
+
 def lr_factor(epoch, args):
     """Step schedule: x lr_gamma at each milestone (fractions of --epochs; 0.5,0.75 of 300 = epochs 150,
     225 counted from 0, i.e. the decayed LR is first used in the 151st epoch)."""
