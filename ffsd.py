@@ -35,7 +35,7 @@ Deviations from the official code (SJLeo/FFSD, CIFARTrainer.py):
     1. One summed backward, then every optimiser steps (the code: one backward per network, students ->
        fusion -> leader -> SD modules). Same gradients: all cross-network targets and the fusion input are
        detached, the parameter sets disjoint. SD teachers use the pre-update SD weights, as in the code.
-    2. "ensemble" is the mean of the students' logits (scored by arg-max), not the code's "any student correct"
+    2. "ensemble" is the mean of the students' logits (arg-max scored), not the code's "any student correct"
        oracle; 300 epochs instead of the code's 299; no dummy forward of student 0 at construction.
 Deviations from the paper text, where this file follows the official code:
     3. Fusion-module weight decay 1e-5 (--fusion-wd; the paper's "same implementation details": 1e-4).
