@@ -136,8 +136,8 @@ def pcl_loss(logits, ens_logits, mean_logits, y, w, args):
 
 # ===== 5. Train step =====
 def ema_decay(g, beta):
-    """phi(g) = min(1 - 1/(g+1), beta), g = the 0-based update count: 0 (a copy), 0.5, ..., <= beta."""
-    # ===== BEGIN ALGO: phi(g) -- min(1 - 1/(g+1), beta) =====
+    """phi(g), g = the 0-based update count (header: Temporal mean): 0 (a copy), 0.5, ..., <= beta."""
+    # ===== BEGIN ALGO: phi(g) -- the decay of update g, see the header; never above beta =====
     return min(1.0 - 1.0 / (g + 1), beta)
     # ===== END ALGO =====
 
