@@ -16,7 +16,7 @@ evaluate) and read their outputs.
 
     python tools/assignment.py handout pcl --out handout/pcl     # the student's folder
     python tools/assignment.py grade pcl handout/pcl/pcl.py      # one line per test, then the score
-    python tools/assignment.py make pcl --out /tmp/pcl.py --only "loss,phi(g)"   # the blank file only
+    python tools/assignment.py make pcl --out hw/pcl.py --only "loss,phi(g)"   # the blank file only
     python tools/assignment.py list pcl                          # the marked regions
 """
 import argparse
