@@ -30,9 +30,9 @@ def shapes(module):
 
 
 def learns(module):
-    """A 3-epoch run on 256 synthetic images (no LR decay): its best model beats chance clearly."""
+    """A 3-epoch run on 128 synthetic images (no LR decay): its best model beats chance clearly."""
     with tempfile.TemporaryDirectory() as out:
-        args = module.Args(arch="resnet8", dataset="fake", subset=256, test_subset=100, batch_size=16,
+        args = module.Args(arch="resnet8", dataset="fake", subset=128, test_subset=100, batch_size=16,
                            epochs=3, lr=0.05, lr_decay_at="1", device="cpu", out=os.path.join(out, "run"))
         final = module.main(args)
     name, best = max(final["models"].items(), key=lambda kv: kv[1])
