@@ -257,25 +257,26 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["make", "grade", "list"])
     p.add_argument("method", nargs="?", default="", help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("file", nargs="?", default="",
-                   help="grade: the student's file (default student/<method>.py)")
-    p.add_argument("--out", default="", help="make: where to write (default student/<method>.py)")
+    p.add_argument("file", nargs="?", default="", help="grade: the handed-in file")
+    p.add_argument("--out", default="", help="make: where to write the blank file")
     p.add_argument("--only", default="", help="make: comma-separated names of the regions to blank")
     p.add_argument("-v", "--verbose", action="store_true", help="grade: print the reasons in full")
     a = p.parse_args(argv)
     if not a.method:
-        target = {"make": "assignment"}.get(a.action, a.action)
-        fail(f"which method? make {target} METHOD=<one of {', '.join(METHODS)}>")
-    default = os.path.join("student", f"{a.method}.py")
+        fail(f"which method? make {a.action} METHOD=<one of {', '.join(METHODS)}>")
     if a.action == "list":
         with open(method_path(a.method)) as f:
             for r in regions(f.read(), f"{a.method}.py"):
                 print(f"  {a.method}.py:{r['begin'] + 1:<5} {r['owner']:<24} {r['name']}")
         return 0
     if a.action == "make":
-        make(a.method, a.out or default, [s.strip() for s in a.only.split(",") if s.strip()])
+        if not a.out:
+            fail("where to? --out <file> (for a student's folder: make handout METHOD=... OUT=...)")
+        make(a.method, a.out, [s.strip() for s in a.only.split(",") if s.strip()])
         return 0
-    return report(a.method, a.file or default, grade(a.method, a.file or default), a.verbose)
+    if not a.file:
+        fail(f"which file? make grade METHOD={a.method} FILE=<the handed-in {a.method}.py>")
+    return report(a.method, a.file, grade(a.method, a.file), a.verbose)
 
 
 if __name__ == "__main__":
