@@ -4,7 +4,7 @@ GRID ?= short
 NPZ ?= $(wildcard local/cifar10_jpeg.npz)
 BUDGET ?= 300
 
-.PHONY: help install test smoke diff bench reproduce report plot assignment grade gpu-check
+.PHONY: help install test smoke diff bench reproduce report plot handout grade gpu-check
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
@@ -36,10 +36,10 @@ report: ## render results/ into RESULTS.md and README.md's results section
 plot: ## draw each grid's learning curves into docs/img/ (needs requirements-plot.txt)
 	$(PY) tools/plot.py
 
-assignment: ## student copy of METHOD=<method> with its algorithm regions blanked (OUT=student/<method>.py)
-	$(PY) tools/assignment.py make $(METHOD) $(if $(OUT),--out $(OUT))
+handout: ## a student's folder for METHOD=<method> in OUT (new; default handout/<method>): docs/assignments.md
+	$(PY) tools/handout.py $(METHOD) $(or $(OUT),$(if $(METHOD),handout/$(METHOD)))
 
-grade: ## grade a student file with the method's tests: make grade METHOD=pcl FILE=student/pcl.py
+grade: ## grade a handed-in file with the method's grading tests: make grade METHOD=pcl FILE=...
 	$(PY) tools/assignment.py grade $(METHOD) $(FILE)
 
 gpu-check: ## every GPU measurement (bench, streamed loader, grid for BUDGET s) into OUT (default runs/gpu-check); NPZ=archive

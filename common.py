@@ -9,8 +9,8 @@ What a method file may use, by section (sections 1-5 are the reading path; 6 is 
   4. Data           nothing directly: `fit(..., views=m)` asks for m augmented views per batch.
   5. Training loop  `setup(args, method)` -> `Run` (`.args`, `.num_classes`, `.steps_per_epoch`,
                     `.autocast()`, `.to_device()`, `.scalar()`), `sgd`, `adam`, `kd_loss`,
-                    `sigmoid_rampup`, `fp32_region`, `eval_mode`, `fit(run, model, optimizers,
-                    train_step, evaluate, deployed, ...)`.
+                    `sigmoid_rampup`, `rampup_weight`, `ema_update`, `fp32_region`, `eval_mode`,
+                    `fit(run, model, optimizers, train_step, evaluate, deployed, ...)`.
   6. Plumbing       nothing directly: devices, seeds, metrics.jsonl, checkpoints, --resume,
                     deployed.pt, final.json.
 Streamed folders, the ImageNet recipe and torchrun live in beyond.py; `setup` hands such a run over.
@@ -852,6 +852,26 @@ def sigmoid_rampup(epoch, length):
     if length <= 0:
         return 1.0
     return math.exp(-5.0 * (1.0 - min(epoch, length) / length) ** 2)
+
+
+def rampup_weight(run, epoch, length, name="w"):
+    """w(e) = sigmoid_rampup(e, length) in the form a train step multiplies by: Run.scalar's 0-d
+    float32 tensor on the run's device, so a CUDA step bakes in no Python number and copies nothing
+    from the host. The same values as the plain number (a loss accepts either)."""
+    return run.scalar(name, sigmoid_rampup(epoch, length))
+
+
+@torch.no_grad()
+def ema_update(mean_tensors, tensors, decay):
+    """The temporal mean (Tarvainen & Valpola 2017): mean <- decay * mean + (1 - decay) * theta, in
+    place, for each pair of `mean_tensors` and `tensors` (the caller chooses which: parameters, not
+    BN buffers, in PCL). decay: a number, or a 0-d tensor on the tensors' device (Run.scalar).
+    torch's multi-tensor ops: a couple of kernels for all the tensors on a GPU, not a few per tensor."""
+    mean_tensors, tensors = list(mean_tensors), list(tensors)
+    if len(mean_tensors) != len(tensors):
+        raise ValueError(f"ema_update: {len(mean_tensors)} mean tensors for {len(tensors)} tensors")
+    torch._foreach_mul_(mean_tensors, decay)
+    torch._foreach_add_(mean_tensors, torch._foreach_mul(tensors, 1 - decay))
 
 
 def lr_factor(epoch, args):

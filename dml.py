@@ -120,7 +120,7 @@ def train_step(model, optimizers, x, y, epoch, step, run):
 def evaluate(model, x):
     # ===== BEGIN ALGO: evaluate =====
     logits = torch.stack([net(x) for net in model])  # (K, B, C)
-    # Every peer, and the ensemble = argmax of the mean of the peers' logits (costs K x at inference).
+    # Every peer, and the ensemble = the mean of the peers' logits (scored by arg-max; K x the cost).
     return {**dict(zip(common.peer_names(model), logits)), "ensemble": logits.float().mean(0)}
     # ===== END ALGO =====
 

@@ -28,14 +28,14 @@ Differences from baseline.py:
     2. The loss is the sum of the students', the fusion module's, the leader's and the SD modules' losses.
     3. Six optimisers for M = 2 (student SGDs, leader+R SGD, fusion SGD with wd 1e-5, SD Adams).
     4. FFSD's own recipe: weight decay 1e-4 and reflect padding (the other scripts use 5e-4 and zeros).
-    5. Evaluation reports each student, their mean and logit-mean ensemble, the fusion classifier and
-       the leader (deployed).
+    5. Evaluation reports each student, their mean accuracy and logit-mean ensemble, the fusion classifier
+       and the leader (deployed).
 
 Deviations from the official code (SJLeo/FFSD, CIFARTrainer.py):
     1. One summed backward, then every optimiser steps (the code: one backward per network, students ->
        fusion -> leader -> SD modules). Same gradients: all cross-network targets and the fusion input are
        detached, the parameter sets disjoint. SD teachers use the pre-update SD weights, as in the code.
-    2. "ensemble" is the arg-max of the mean of the students' logits, not the code's "any student correct"
+    2. "ensemble" is the mean of the students' logits (arg-max scored), not the code's "any student correct"
        oracle; 300 epochs instead of the code's 299; no dummy forward of student 0 at construction.
 Deviations from the paper text, where this file follows the official code:
     3. Fusion-module weight decay 1e-5 (--fusion-wd; the paper's "same implementation details": 1e-4).
@@ -326,7 +326,7 @@ def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
     # ALGO: the lambdas' warm-up, official `lambda_warmup`: exp(-5 (1 - e/W)^2) at the 1-based epoch
     # e = epoch + 1 <= W, then 1: x0.041, 0.165, 0.449, 0.819, 1.0 over epochs 1-5.
-    w = run.scalar("warmup", common.sigmoid_rampup(epoch + 1, run.args.warmup_epochs))  # 0-d tensor
+    w = common.rampup_weight(run, epoch + 1, run.args.warmup_epochs, name="warmup")
     with run.autocast():
         out = model(x)  # every network on the same batch; SD teachers use the pre-update SD weights
         loss, logs = ffsd_loss(out, y, run.args, w)
@@ -349,7 +349,7 @@ def evaluate(model, x):
     _, z_f = model.fusion(torch.cat([f[-1] for f in feats], dim=1))
     # The leader is deployed (one backbone). The rest are labelled secondary models: each student, the
     # ensemble and the fusion classifier (needs every student at test time).
-    # NOTE(deviation): ensemble = arg-max of the MEAN of the students' logits, not the official code's
+    # NOTE(deviation): ensemble = the MEAN of the students' logits (arg-max scored), not the official code's
     # "any student correct" oracle (utils/util.py, ensemble_accuracy).
     return {**{f"student{k + 1}": z[k] for k in range(len(model.students))}, "ensemble": z.float().mean(0),
             "fusion": z_f, "leader": model.leader(x)}

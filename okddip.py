@@ -11,10 +11,10 @@ auxiliary peers is distilled into the leader, which is the model deployed.
 
 Objective (as the official code DefangChen/OKDDip-AAAI2020 implements it: train_GL.py, utils.py KL_Loss,
 models/model_cifar/*_GL.py; not checked against the paper's method section), peer logits z_a (a < m),
-pooled peer features h_a, leader logits z_L:
+pooled peer features h_a (D values per sample), leader logits z_L, labels y:
     q_a = W_q h_a,  k_a = W_k h_a                       (bias-free Linear(D -> D/8), one pair for all peers)
-    A[a, :] = softmax_b(q_a . k_b)                      (per sample, no 1/sqrt(d), b = a included)
-    t_a = sum_b A[a, b] z_b                             (mix of LOGITS)
+    A[a, :] = softmax_c(q_a . k_c)                      (per sample, no 1/sqrt(d), c = a included)
+    t_a = sum_c A[a, c] z_c                             (mix of LOGITS)
     L = sum_a CE(z_a, y) + CE(z_L, y)
         + w(e) * [ sum_a KD_T(t_a -> z_a) + KD_T(mean_a z_a -> z_L) ]
 KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch; T = 3;
@@ -25,7 +25,7 @@ NOTHING is detached: W_q, W_k act only through the targets t_a, whose KD term is
 Differences from baseline.py:
     1. A shared trunk (MultiBranch) with m + 1 branches (--num-peers m, plus the leader) and W_q, W_k.
     2. The loss adds w(e) x [first-level KD (t_a -> peer a) + second-level KD (peer mean -> leader)].
-    3. Evaluation reports every peer, their mean-logit ensemble, the peer mean and the leader (deployed).
+    3. Evaluation reports every peer, their mean-logit ensemble, the peers' mean accuracy and the leader.
 
 Deviations: none from the official code in the algorithm (no 1e-7 added to the target probabilities, which
 is negligible). --exclude-self (off by default) masks a peer out of its own target, as the abstract's
@@ -79,12 +79,12 @@ class OKDDip(nn.Module):
         # ===== BEGIN ALGO: attention =====
         with common.fp32_region(h):
             q, k = self.query(h.float()), self.key(h.float())  # (m, B, D/8) each
-            # ALGO: energy[a, b] = q_a . k_b per sample, no 1/sqrt(d) scaling.
-            energy = torch.einsum("abd,cbd->bac", q, k)  # (B, m, m): [sample, query a, key b]
+            # ALGO: energy[a, c] = q_a . k_c per sample b, no 1/sqrt(d) scaling.
+            energy = torch.einsum("abd,cbd->bac", q, k)  # (B, m, m): [sample b, query a, key c]
         if self.exclude_self:  # NOTE(deviation): optional, not the official code's: no self-target.
             energy = energy.masked_fill(torch.eye(self.m, dtype=torch.bool, device=energy.device),
                                         float("-inf"))
-        # ALGO: softmax over the keys b (row a sums to 1), the peer itself included by default.
+        # ALGO: softmax over the keys c (row a sums to 1), the peer itself included by default.
         return F.softmax(energy, dim=-1)
         # ===== END ALGO =====
 
@@ -108,7 +108,7 @@ def build_optimizers(model, args):
 
 # ===== 4. Loss =====
 def peer_targets(peer_logits, A):
-    """t_a = sum_b A[a, b] z_b. peer_logits: (m, B, C), A: (B, m, m). Returns (m, B, C)."""
+    """t_a = sum_c A[a, c] z_c. peer_logits: (m, B, C), A: (B, m, m). Returns (m, B, C)."""
     # ===== BEGIN ALGO: peer targets =====
     # ALGO: targets mix LOGITS (softmax(./T) comes inside the KD), per sample.
     with common.fp32_region(A):  # float32 even under autocast (it would lower the einsum to bf16)
@@ -117,8 +117,8 @@ def peer_targets(peer_logits, A):
 
 
 def okddip_loss(logits, A, y, w, args):
-    """logits: (m + 1, B, C), peers then leader; A: (B, m, m); w: ramp-up weight (a number, or a 0-d
-    tensor on the device: Run.scalar). Returns (loss, logs)."""
+    """logits: (m + 1, B, C), peers then leader; A: (B, m, m); w: the ramp-up weight w(e) (a number
+    or common.rampup_weight's tensor). Returns (loss, logs)."""
     # ===== BEGIN ALGO: loss =====
     T, m, loss, logs = args.temperature, A.shape[-1], 0.0, {}
     peers, leader = logits[:m], logits[m]  # (m, B, C), (B, C)
@@ -145,7 +145,7 @@ def okddip_loss(logits, A, y, w, args):
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
     # ALGO: w(e) from the 0-based epoch, constant within an epoch.
-    w = run.scalar("w", common.sigmoid_rampup(epoch, run.args.rampup_epochs))  # 0-d device tensor
+    w = common.rampup_weight(run, epoch, run.args.rampup_epochs)
     with run.autocast():
         logits, A = model(x)  # (m + 1, B, C), (B, m, m)
         loss, logs = okddip_loss(logits, A, y, w, run.args)
@@ -161,8 +161,8 @@ def evaluate(model, x):
     # ===== BEGIN ALGO: evaluate =====
     logits, _ = model(x)  # (m + 1, B, C)
     m = len(logits) - 1
-    # The leader (last branch) is deployed; also every peer and the peer ensemble = argmax of the mean of the
-    # auxiliary peers' logits (the leader not included; costs m branches).
+    # The leader (last branch) is deployed; also every peer and the peer ensemble = the mean of the
+    # auxiliary peers' logits, scored by its arg-max (the leader not included; costs m branches).
     return {**{f"peer{a + 1}": logits[a] for a in range(m)}, "ensemble": logits[:m].float().mean(0),
             "leader": logits[m]}
     # ===== END ALGO =====

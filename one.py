@@ -24,8 +24,8 @@ Differences from baseline.py:
        own weights; --num-branches, default 3) and a gate Linear(C_trunk -> m) -> BN1d -> ReLU -> softmax.
     2. The loss adds CE on the gated teacher and the ramped-up KD from the detached teacher into every branch
        (--temperature 3, --rampup-epochs 80).
-    3. Evaluation reports every branch, the gated teacher (one_e), the mean-logit ensemble and the branch
-       mean; branch 1 (trunk + branch 1, the plain backbone's size) is deployed.
+    3. Evaluation reports every branch, the gated teacher (one_e), the mean-logit ensemble and the branches'
+       mean accuracy; branch 1 (trunk + branch 1, the plain backbone's size) is deployed.
 
 Deviations: none from the official code in the algorithm (no 1e-7 added to the teacher's probabilities,
 which is negligible). The default recipe is the repository's (Nesterov, wd 5e-4); --preset one-official sets
@@ -104,8 +104,8 @@ def build_optimizers(model, args):
 
 # ===== 4. Loss =====
 def one_loss(logits, z_e, y, w, args):
-    """logits: (m, B, C) branches; z_e: (B, C) gated teacher; w: ramp-up weight (a number, or a 0-d
-    tensor on the device: Run.scalar). Returns (loss, logs)."""
+    """logits: (m, B, C) branches; z_e: (B, C) gated teacher; w: the ramp-up weight w(e) (a number
+    or common.rampup_weight's tensor). Returns (loss, logs)."""
     # ===== BEGIN ALGO: loss =====
     T, loss, logs = args.temperature, 0.0, {}
     # ALGO: CE(z_e, y) trains the teacher, hence the gate (mean over the batch).
@@ -129,7 +129,7 @@ def one_loss(logits, z_e, y, w, args):
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
     # ALGO: w(e) from the 0-based epoch, constant within an epoch.
-    w = run.scalar("w", common.sigmoid_rampup(epoch, run.args.rampup_epochs))  # 0-d device tensor
+    w = common.rampup_weight(run, epoch, run.args.rampup_epochs)
     with run.autocast():
         logits, _, z_e = model(x)  # (m, B, C), (B, m), (B, C)
         loss, logs = one_loss(logits, z_e, y, w, run.args)

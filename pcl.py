@@ -10,16 +10,19 @@ peers) learns from the labels and is distilled into every peer. A peer mean teac
 an EMA of the weights, of the whole network) distils each peer k's smoothed prediction into the OTHER peers.
 After training, the temporal mean of peer 1 (mean trunk + mean peer 1) is deployed: it is a plain backbone.
 
-Objective (the paper's terms, arranged as in the re-implementation; m peers, view x_j, logits z_j,
-ensemble logits z_e = head([h_1, ..., h_m])):
+Objective (the paper's terms, arranged as in the re-implementation; m peers, view x_j, labels y, logits
+z_j, pooled features h_j, ensemble logits z_e = head([h_1, ..., h_m]); sg = stop-gradient, i.e. detach:
+a target, not a student):
     L = CE(z_e, y) + sum_j [ CE(z_j, y) + w(e) KD_T(sg z_e -> z_j)                          # L_ce, L_pe
                              + w(e) 1/(m-1) sum_{k != j} KD_T(z'_k -> z_j) ]                  # L_pm
     KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch.
-    z'_k = temporal-mean peer k on its own view x_k (no gradient); w(e) = exp(-5 (1 - e/80)^2), e < 80.
-Temporal mean (EMA of every parameter): theta' <- phi(g) theta' + (1 - phi(g)) theta after every
-optimiser step g = 0, 1, ...; phi(g) = min(1 - 1/(g + 1), beta), beta = 0.999. The paper's
-presentation writes phi(g) = min(1 - 1/g, beta) and labels g the epoch; counting steps is the
-re-implementation's (mean-teacher) reading, the only one under which beta = 0.999 ever binds.
+    z'_k = temporal-mean peer k on its own view x_k (no gradient); w(e) = exp(-5 (1 - e/80)^2) at the
+    0-based epoch e < 80, then 1; T = temperature.
+Temporal mean (EMA of every student parameter theta; theta' = its mean): theta' <- phi(g) theta' +
+(1 - phi(g)) theta after every optimiser step g = 0, 1, ...; phi(g) = min(1 - 1/(g + 1), beta), beta = 0.999
+(beta: --ema-decay). The paper's presentation writes phi(g) = min(1 - 1/g, beta) and labels g the
+epoch; counting steps is the re-implementation's (mean-teacher) reading, the only one under which
+beta = 0.999 ever binds.
 
 Differences from baseline.py:
     1. A student (MultiBranch: trunk + m peers; ensemble head Linear(m*D -> C)) and its temporal mean.
@@ -72,8 +75,6 @@ class PeerNet(nn.Module):
         super().__init__()
         self.peers = common.MultiBranch(arch, num_classes, m)
         # ALGO: peer ensemble teacher: Linear(m*D -> C, bias) on concat(h_1..h_m) (m*D = 192 for ResNet-32).
-        # A classifier like every peer's fc: under autocast its logits are bf16, as theirs are; the
-        # loss casts them to float32 before every softmax, CE and KL.
         self.head = nn.Linear(m * self.peers.feature_dim, num_classes)
 
     def forward(self, x):
@@ -109,7 +110,7 @@ def build_optimizers(model, args):
 # ===== 4. Loss =====
 def pcl_loss(logits, ens_logits, mean_logits, y, w, args):
     """logits: (m, B, C) peer j on view x_j; ens_logits: (B, C) z_e; mean_logits: (m, B, C)
-    temporal-mean peer k on view x_k; w: ramp-up weight w(e) (a number or a 0-d device tensor).
+    temporal-mean peer k on view x_k; w: the ramp-up weight w(e) (a number or a 0-d tensor).
     Returns (L, logs); logged KD terms are unweighted sums over peers."""
     # ===== BEGIN ALGO: loss =====
     m, T = logits.shape[0], args.temperature
@@ -135,8 +136,8 @@ def pcl_loss(logits, ens_logits, mean_logits, y, w, args):
 
 # ===== 5. Train step =====
 def ema_decay(g, beta):
-    """phi(g) = min(1 - 1/(g+1), beta), g = the 0-based update count: 0 (a copy), 0.5, ..., <= beta."""
-    # ===== BEGIN ALGO: phi(g) -- min(1 - 1/(g+1), beta) =====
+    """phi(g), g = the 0-based update count (header: Temporal mean): 0 (a copy), 0.5, ..., <= beta."""
+    # ===== BEGIN ALGO: phi(g) -- the decay of update g, see the header; never above beta =====
     return min(1.0 - 1.0 / (g + 1), beta)
     # ===== END ALGO =====
 
@@ -144,19 +145,17 @@ def ema_decay(g, beta):
 @torch.no_grad()
 def ema_update(mean, student, phi):
     """theta' <- phi theta' + (1 - phi) theta for every parameter; BN running statistics are left
-    alone. phi: a number, or a 0-d float32 tensor on the parameters' device (Run.scalar: the step
-    then bakes in no number)."""
+    alone. phi: a number or a 0-d tensor."""
     # ===== BEGIN ALGO: temporal mean -- theta' <- phi theta' + (1 - phi) theta, parameters only =====
-    mean_params, params = list(mean.parameters()), list(student.parameters())
-    torch._foreach_mul_(mean_params, phi)  # one fused kernel per op on GPU instead of one per tensor
-    torch._foreach_add_(mean_params, torch._foreach_mul(params, 1 - phi))
+    # ALGO: common.ema_update(mean_tensors, tensors, phi) updates each pair in place; pick the tensors.
+    common.ema_update(mean.parameters(), student.parameters(), phi)
     # ===== END ALGO =====
 
 
 def train_step(model, optimizers, x, y, epoch, step, run):
     # ===== BEGIN ALGO: train step =====
     # ALGO: both KD terms' ramp-up weight, per 0-based epoch: w(0) = 0.0067, w(40) = 0.287, w(80) = 1.
-    w = run.scalar("w", common.sigmoid_rampup(epoch, run.args.rampup_epochs))  # 0-d device tensor
+    w = common.rampup_weight(run, epoch, run.args.rampup_epochs)
     with run.autocast():
         logits, ens_logits = model.student(x)  # (m, B, C), (B, C); x = [x_1..x_m], peer j on x_j
         with torch.no_grad():

@@ -30,8 +30,8 @@ def run_module(name):
 
 # The longest modules start first, so the two workers finish together (the rest follow in name order).
 SLOW_FIRST = ["test_reliability", "test_deploy", "test_gpu_check", "test_distributed", "test_matrix_b",
-              "test_matrix_a", "test_baseline", "test_errors", "test_beyond", "test_reproduce", "test_assignment",
-              "test_lab"]
+              "test_matrix_a", "test_mutations", "test_baseline", "test_errors", "test_beyond", "test_reproduce",
+              "test_assignment", "test_lab"]
 
 
 def main(names):

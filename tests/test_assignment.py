@@ -1,9 +1,10 @@
-"""tools/assignment.py: the markers are well formed, every reference file passes its grading tests
-(and they run every marked region), a generated assignment fails them with the region's hint, and a
-deliberately wrong solution fails the test about that mistake (the reference file is patched through
-its syntax tree, so line wrapping does not matter)."""
-import ast
+"""tools/assignment.py and tools/handout.py: the markers are well formed, every reference file passes
+its grading tests (and they run every marked region), a generated assignment fails every one of them
+with the region's hint and states the graded contract, and a handout holds no line of the answer, and
+its checks run. (Wrong solutions: tests/test_mutations.py.)"""
 import os
+import shutil
+import subprocess
 import sys
 import unittest
 
@@ -11,6 +12,7 @@ from helpers import ROOT, tmpdir
 
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import assignment  # noqa: E402
+import handout  # noqa: E402
 
 GRADED = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]
 
@@ -22,23 +24,6 @@ def source(method):
 
 def failed(outcome):
     return {name: reason for name, (_, reason) in outcome.items() if reason is not None}
-
-
-def patched(testcase, method, function, target, new_line):
-    """The method file with `new_line` inserted after the first assignment to `target` inside
-    `function`, at that statement's indentation, written to a temporary file: returns its path."""
-    text = source(method)
-    fn = next(n for n in ast.walk(ast.parse(text))
-              if isinstance(n, ast.FunctionDef) and n.name == function)
-    node = next((n for n in ast.walk(fn) if isinstance(n, ast.Assign)
-                 and any(isinstance(t, ast.Name) and t.id == target for t in n.targets)), None)
-    testcase.assertIsNotNone(node, f"no {target!r} = ... in {method}.{function}: patch not applied")
-    lines = text.splitlines()
-    lines.insert(node.end_lineno, " " * node.col_offset + new_line)
-    path = os.path.join(tmpdir(testcase), f"{method}.py")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
 
 
 class TestMarkers(unittest.TestCase):
@@ -97,8 +82,11 @@ class TestGrading(unittest.TestCase):
             self.assertEqual(text.count("raise NotImplementedError("), len(found), method)
             reference = assignment.regions(source(method))
             self.assertEqual([r["name"] for r in found], [r["name"] for r in reference])
-            bad = failed(assignment.grade(method, out))
-            self.assertTrue(bad, f"{method}: the blank assignment passes its grading tests")
+            outcome = assignment.grade(method, out)
+            bad = failed(outcome)
+            self.assertEqual(set(bad), set(outcome), f"{method}: a blank file passes a grading test")
+            for item in assignment.CONTRACT[method]:  # the graded names, in the student's file
+                self.assertIn(" ".join(item.split()[:4]), " ".join(text.replace("#", "").split()))
             for name, reason in bad.items():
                 hint = r"^NotImplementedError: [\w.]+ \[[^\]]+\]: \S"
                 self.assertRegex(reason, hint, f"{method} {name}")
@@ -108,11 +96,11 @@ class TestGrading(unittest.TestCase):
         assignment.make("pcl", out, only=["phi(g)"])
         bad = failed(assignment.grade("pcl", out))
         steps = ["ema_per_epoch", "mean_teacher_gets_no_gradient",  # train_step calls ema_decay
-                 "peer_j_and_mean_peer_k_see_their_own_view",
+                 "peer_j_and_mean_peer_k_see_their_own_view", "rampup_weight_from_the_epoch",
                  "mean_updated_after_the_optimiser_step"]
         phi = "TestTemporalMean.test_phi_schedule"
         self.assertEqual(set(bad), {phi} | {f"TestTrainStep.test_{t}" for t in steps})
-        self.assertIn("ema_decay [phi(g)]: min(1 - 1/(g+1), beta)", bad[phi])
+        self.assertIn("ema_decay [phi(g)]: the decay of update g, see the header", bad[phi])
         with self.assertRaises(SystemExit) as cm:
             assignment.make("pcl", out, only=["nope"])
         self.assertIn("no region 'nope' in pcl.py; regions: ensemble teacher, loss,",
@@ -127,32 +115,56 @@ class TestGrading(unittest.TestCase):
         self.assertRegex(outcome["import"][1], r"^SyntaxError \(line \d+\): ")
 
 
-class TestWrongSolutions(unittest.TestCase):
-    """Each deliberate mistake fails exactly the tests about it."""
+def check(folder, *argv):
+    """check.py of a handout, run there: (exit status, output)."""
+    p = subprocess.run([sys.executable, "check.py", *argv], cwd=folder, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return p.returncode, p.stdout + p.stderr
 
-    def check(self, path, method, expected):
-        bad = failed(assignment.grade(method, path))
-        self.assertEqual(set(bad), expected, bad)
-        for reason in bad.values():
-            self.assertRegex(reason, r"^AssertionError: ")
 
-    def test_dml_without_T_squared(self):
-        path = patched(self, "dml", "dml_loss", "kd", "kd = kd / args.temperature ** 2  # mistake")
-        self.check(path, "dml", {"TestLoss.test_kd_scaled_by_T_squared"})
+class TestHandout(unittest.TestCase):
+    def test_no_line_of_the_answer_and_the_checks_run(self):
+        for method in GRADED[1:]:
+            out = os.path.join(tmpdir(self), method)
+            handout.write(method, out)
+            self.assertEqual(set(os.listdir(out)), {f"{method}.py", "common.py", "requirements.txt",
+                                                    "ASSIGNMENT.md", "check.py"})
+            text = source(method).splitlines()
+            inside = {i for r in assignment.regions(source(method)) for i in range(r["begin"] + 1, r["end"])}
+            answer = {text[i].strip() for i in inside if assignment._is_code(text[i])}
+            answer -= {ln.strip() for i, ln in enumerate(text) if i not in inside}  # the file's own
+            shared = ("baseline.py", "common.py", "tools/student_check.py")  # the same for every method
+            for name in shared:  # (`with torch.no_grad():`, `loss.backward()`): syntax, not the answer
+                with open(os.path.join(ROOT, name)) as f:
+                    answer -= {ln.strip() for ln in f}
+            for name in os.listdir(out):
+                with open(os.path.join(out, name)) as f:
+                    leaked = answer & {ln.strip() for ln in f}
+                self.assertEqual(leaked, set(), f"{method} handout: {name} holds lines of the answer")
+            rc, said = check(out, "--quick")
+            self.assertEqual(rc, 1, said)
+            self.assertRegex(said, r"not implemented: \w", method)
+            self.assertNotIn("Traceback", said, method)
+            shutil.copy(os.path.join(ROOT, f"{method}.py"), out)  # the reference passes the checks
+            rc, said = check(out, *(() if method == "dml" else ("--quick",)))  # one full run: time
+            self.assertEqual(rc, 0, said)
+            self.assertIn("every check passes", said)
+            self.assertIn("learns: " if method == "dml" else "(4, 10)", said)
 
-    def test_pcl_ensemble_target_not_detached(self):
-        path = patched(self, "pcl", "pcl_loss", "target_ens", "target_ens = ens_logits  # mistake")
-        self.check(path, "pcl", {"TestLoss.test_ensemble_is_a_detached_target"})
-
-    def test_pcl_mean_instead_of_sum_over_peers(self):
-        mean = "loss = ce_ens + (loss - ce_ens) / logits.shape[0]  # mistake"
-        path = patched(self, "pcl", "pcl_loss", "loss", mean)
-        self.check(path, "pcl", {"TestLoss.test_total"})
-
-    def test_okddip_detached_targets(self):
-        path = patched(self, "okddip", "okddip_loss", "t", "t = t.detach()  # the mistake")
-        self.check(path, "okddip", {"TestLoss.test_nothing_detached",
-                                    "TestAttention.test_projections_learn_through_the_targets"})
+    def test_refuses_a_used_folder_or_one_beside_the_answer(self):
+        used = tmpdir(self)
+        with open(os.path.join(used, "x"), "w") as f:
+            f.write("x")
+        for out, says in ((used, "is not an empty folder"), (os.path.join(ROOT, "docs", "hw"), "not ignored"),
+                          (os.path.join(ROOT, "hw"), "not ignored")):
+            with self.assertRaises(SystemExit) as cm:
+                handout.check_out(out)
+            self.assertIn(says, str(cm.exception))
+            self.assertEqual(len(str(cm.exception).splitlines()), 1)
+        handout.check_out(os.path.join(ROOT, "handout", "pcl"))  # ignored by git: allowed
+        with self.assertRaises(SystemExit) as cm:
+            handout.main(["nope", "x"])
+        self.assertIn("unknown method 'nope'; choices: baseline, dml,", str(cm.exception))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Assignment mode: blank the algorithm out of a method file for students, and grade their copy.
+"""Assignment mode: a handout for students (the method file with its algorithm blanked), and a grader.
 
 The lines a student writes are marked in every method file (docs/assignments.md):
 
@@ -7,14 +7,16 @@ The lines a student writes are marked in every method file (docs/assignments.md)
     # ===== END ALGO =====
 
 `make` keeps each region's markers and comment lines (the instructions) and replaces its code by
-`raise NotImplementedError("<function> [<name>]: <hint and comments>")`. `grade` imports a file as
-the method module and runs tests/grade/test_<method>.py against it; those tests call only the public
-functions (<method>_loss on hand-made tensors, build_model, train_step, evaluate) and read their
-outputs.
+`raise NotImplementedError("<function> [<name>]: <hint and comments>")`, and adds the graded
+contract (CONTRACT: the log keys, names and flags the grader reads) under the module docstring.
+`handout` writes a folder a student can be given (handout.py: what it holds and leaves out). `grade`
+imports a file as the method module and runs tests/grade/test_<method>.py against it; those tests
+call only the public functions (<method>_loss on hand-made tensors, build_model, train_step,
+evaluate) and read their outputs.
 
-    python tools/assignment.py make pcl                          # -> student/pcl.py
-    python tools/assignment.py make pcl --out hw/pcl.py --only "loss,phi(g)"
-    python tools/assignment.py grade pcl student/pcl.py          # one line per test, then the score
+    python tools/assignment.py handout pcl --out handout/pcl     # the student's folder
+    python tools/assignment.py grade pcl handout/pcl/pcl.py      # one line per test, then the score
+    python tools/assignment.py make pcl --out hw/pcl.py --only "loss,phi(g)"   # the blank file only
     python tools/assignment.py list pcl                          # the marked regions
 """
 import argparse
@@ -32,6 +34,39 @@ METHODS = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]
 BEGIN = re.compile(r"^(\s*)# ===== BEGIN ALGO: (.+?)(?: -- (.+?))? =====\s*$")
 END = re.compile(r"^(\s*)# ===== END ALGO =====\s*$")
 WIDTH = 100
+# What the grading tests read besides the function signatures: a correct solution must use these names.
+CONTRACT = {
+    "baseline": ["baseline_loss returns (loss, logs), logs = exactly {'loss', 'ce'}.",
+                 "evaluate returns {'net': logits}."],
+    "dml": ["dml_loss returns (L, logs); logs has 'loss', 'ce/peer<k>' and 'kd/peer<k>' for k = 1..K "
+            "(kd/peer<k> = network k's KD term, already averaged over its K - 1 peers).",
+            "train_step follows --update (run.args.update): 'joint' = one step of all networks, "
+            "'sequential' = the paper's Algorithm 1.",
+            "evaluate returns 'peer1'..'peerK' and 'ensemble' (logits)."],
+    "one": ["one_loss returns (loss, logs); logs has 'loss', 'ce/branch<i>', 'kd/branch<i>' "
+            "(i = 1..m, unweighted), 'ce/one_e' and 'w' (the weight it was given).",
+            "train_step returns one_loss's logs (the grader reads 'w').",
+            "evaluate returns 'branch1'..'branchm', 'one_e' and 'ensemble' (logits)."],
+    "okddip": ["okddip_loss returns (loss, logs); logs has 'loss', 'ce/peer<a>', 'kd/peer<a>' "
+               "(a = 1..m, unweighted), 'ce/leader', 'kd/leader' and 'w' (the weight it was given).",
+               "train_step returns okddip_loss's logs (the grader reads 'w').",
+               "--exclude-self (self.exclude_self in attention): peer a gets weight 0 in its own "
+               "target t_a; every row of A still sums to 1.",
+               "evaluate returns 'peer1'..'peerm', 'ensemble' and 'leader' (logits)."],
+    "pcl": ["pcl_loss returns (L, logs); logs has 'loss', 'ce/ens', 'ce/peers', 'kd/ens', 'kd/mean' "
+            "(unweighted sums over the peers); train_step calls pcl_loss once per step.",
+            "--ema-per-epoch (run.args.ema_per_epoch): one temporal-mean update at the last step of "
+            "each epoch (step + 1 = a multiple of run.steps_per_epoch) with phi(epoch), none "
+            "inside the epoch.",
+            "evaluate returns 'peer1'..'peerm', 'pe_teacher', 'mt_peer1'..'mt_peerm' and 'pcl_e' "
+            "(logits)."],
+    "ffsd": ["student_loss logs 'ce/student<k+1>', 'kd/student<k+1>' and, for k >= 1, "
+             "'div/student<k+1>', 'sd/student<k+1>' (student 1 logs only the first two).",
+             "leader_loss logs 'ce/leader', 'kd/leader', 'fmap/leader', 'recon/leader', 'sd/leader'; "
+             "sd_fit_loss logs 'sdfit/<network>'; every logged term carries its weight.",
+             "train_step returns ffsd_loss's logs, including 'loss'.",
+             "evaluate returns 'student1'..'studentM', 'ensemble', 'fusion' and 'leader' (logits)."],
+}
 
 
 def fail(msg):
@@ -90,7 +125,7 @@ def _message(region, comments):
     said = [region["hint"]] + [re.sub(r"^(ALGO|NOTE\(deviation\)):\s*", "", c) for c in comments]
     text = f"{region['owner']} [{region['name']}]: " + (" ".join(s for s in said if s)
                                                        or "see the docstring")
-    return text if len(text) <= 400 else text[:397] + "..."
+    return text
 
 
 def _raise(msg, indent):
@@ -126,8 +161,10 @@ def blank(text, method, only=None, path="<file>"):
     doc_end = ast.parse(text).body[0].end_lineno if text.lstrip().startswith('"""') else 0
     note = [f"# ASSIGNMENT: a copy of {method}.py whose marked regions (BEGIN ALGO ... END ALGO)",
             "# raise NotImplementedError. Write each one following its comments and the header",
-            f"# above, then grade it: make grade METHOD={method} FILE=<this file>. Run it from the",
-            "# repository root: PYTHONPATH=. python <this file> --arch resnet8 --dataset fake ..."]
+            "# above; ASSIGNMENT.md says how to run and check it.",
+            "# GRADED: besides the functions' signatures, the grader reads these names:"]
+    note += [ln for item in CONTRACT[method] for ln in textwrap.wrap(
+        item, WIDTH, initial_indent="#   - ", subsequent_indent="#     ")]
     return "\n".join(out[:doc_end] + note + out[doc_end:]) + "\n"
 
 
@@ -168,9 +205,10 @@ def _flatten(suite):
         yield from (_flatten(t) if isinstance(t, unittest.TestSuite) else [t])
 
 
-def grade(method, path):
-    """Run tests/grade/test_<method>.py against the file at `path`. Returns {test name: (what it
-    checks, None if it passed or the one-line reason it failed)} in the tests' order."""
+def grade(method, path, only=None):
+    """Run tests/grade/test_<method>.py (or the tests named in `only`, e.g. "TestLoss.test_total")
+    against the file at `path`. Returns {test name: (what it checks, None if it passed or the
+    one-line reason it failed)} in the tests' order."""
     method_path(method)
     if not os.path.isfile(path):
         fail(f"no file {path!r} to grade")
@@ -186,6 +224,8 @@ def grade(method, path):
         tests = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(tests)  # its `import <method>` finds the file under test
         suite = unittest.defaultTestLoader.loadTestsFromModule(tests)
+        if only is not None:
+            suite = unittest.TestSuite(t for t in _flatten(suite) if t.id().split(".", 1)[1] in only)
         cases = [(t.id(), t.shortDescription() or "") for t in _flatten(suite)]  # before the run
         result = unittest.TestResult()
         suite.run(result)
@@ -206,7 +246,9 @@ def report(method, path, outcome, verbose=False):
             print(f"  ok    {name}")
             continue
         print(f"  FAIL  {name}" + (f": {doc}" if doc else ""))
-        print(f"        {reason if verbose or len(reason) <= 160 else reason[:157] + '...'}")
+        short = verbose or reason.startswith("NotImplementedError") or len(reason) <= 300
+        print(textwrap.fill(reason if short else reason[:297] + "...", WIDTH,
+                            initial_indent="        ", subsequent_indent="        "))
     print(f"{method}: {passed} of {len(outcome)} grading tests pass ({path})")
     return 0 if passed == len(outcome) else 1
 
@@ -215,25 +257,26 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("action", choices=["make", "grade", "list"])
     p.add_argument("method", nargs="?", default="", help=f"one of: {', '.join(METHODS)}")
-    p.add_argument("file", nargs="?", default="",
-                   help="grade: the student's file (default student/<method>.py)")
-    p.add_argument("--out", default="", help="make: where to write (default student/<method>.py)")
+    p.add_argument("file", nargs="?", default="", help="grade: the handed-in file")
+    p.add_argument("--out", default="", help="make: where to write the blank file")
     p.add_argument("--only", default="", help="make: comma-separated names of the regions to blank")
     p.add_argument("-v", "--verbose", action="store_true", help="grade: print the reasons in full")
     a = p.parse_args(argv)
     if not a.method:
-        target = {"make": "assignment"}.get(a.action, a.action)
-        fail(f"which method? make {target} METHOD=<one of {', '.join(METHODS)}>")
-    default = os.path.join("student", f"{a.method}.py")
+        fail(f"which method? make {a.action} METHOD=<one of {', '.join(METHODS)}>")
     if a.action == "list":
         with open(method_path(a.method)) as f:
             for r in regions(f.read(), f"{a.method}.py"):
                 print(f"  {a.method}.py:{r['begin'] + 1:<5} {r['owner']:<24} {r['name']}")
         return 0
     if a.action == "make":
-        make(a.method, a.out or default, [s.strip() for s in a.only.split(",") if s.strip()])
+        if not a.out:
+            fail("where to? --out <file> (for a student's folder: make handout METHOD=... OUT=...)")
+        make(a.method, a.out, [s.strip() for s in a.only.split(",") if s.strip()])
         return 0
-    return report(a.method, a.file or default, grade(a.method, a.file or default), a.verbose)
+    if not a.file:
+        fail(f"which file? make grade METHOD={a.method} FILE=<the handed-in {a.method}.py>")
+    return report(a.method, a.file, grade(a.method, a.file), a.verbose)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, np_ce, np_kd  # noqa: E402
+from helpers import fake_run, graded, np_ce, np_kd  # noqa: E402
 import common  # noqa: E402
 import dml  # noqa: E402  (the grader puts the student's file here)
 
@@ -33,7 +33,7 @@ class TestLoss(unittest.TestCase):
     def test_terms_by_hand(self):
         """ce/peer<k> and kd/peer<k> (T = 1, K = 2 and 3) equal the equation computed by hand."""
         for K in (2, 3):
-            _, logs = dml.dml_loss(Z[:K], Y, dml.Args(temperature=1.0))
+            logs = graded(dml.dml_loss(Z[:K], Y, dml.Args(temperature=1.0))[1], "dml_loss")
             ces, kds = by_hand(Z[:K].numpy(), 1.0)
             for k in range(K):
                 ce, kd = logs[f"ce/peer{k + 1}"].item(), logs[f"kd/peer{k + 1}"].item()
@@ -43,7 +43,7 @@ class TestLoss(unittest.TestCase):
 
     def test_kd_scaled_by_T_squared(self):
         """At T = 3 the KD term is T^2 = 9 times the KL of the softened distributions."""
-        _, logs = dml.dml_loss(Z[:2], Y, dml.Args(temperature=3.0))
+        logs = graded(dml.dml_loss(Z[:2], Y, dml.Args(temperature=3.0))[1], "dml_loss")
         _, kds = by_hand(Z[:2].numpy(), 3.0)
         self.assertAlmostEqual(logs["kd/peer1"].item(), kds[0], places=5, msg="kd/peer1 at T = 3")
 

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, fixed_outputs, np_ce, np_kd, np_dist_att, np_leader_terms, npy, rand  # noqa: E402
-from helpers import np_att, np_dist, np_div_target  # noqa: E402
+from helpers import fake_run, fixed_outputs, graded, np_ce, np_kd, npy, rand  # noqa: E402
+from helpers import np_att, np_dist, np_dist_att, np_div_target, np_leader_terms  # noqa: E402
 import ffsd  # noqa: E402  (the grader puts the student's file here)
 
 ARGS = ffsd.Args(temperature=2.0, lambda_div=0.5, lambda_fusion=3.0, lambda_sd=7.0)
@@ -47,7 +47,8 @@ class TestLosses(unittest.TestCase):
         out = fixed_outputs()
         z = npy(out["z"])
         loss, logs = ffsd.student_loss(out, Y, 0, ARGS, 0.3)
-        self.assertEqual(set(logs), {"ce/student1", "kd/student1"})
+        logs = graded(logs, "student_loss")
+        self.assertEqual(set(logs), {"ce/student1", "kd/student1"}, "student 1's logs")
         self.assertAlmostEqual(logs["kd/student1"].item(), np_kd(z[0], z[1], 2.0), places=5)
         expected = np_ce(z[0], Y.numpy()) + np_kd(z[0], z[1], 2.0)
         self.assertAlmostEqual(loss.item(), expected, places=5)
@@ -57,6 +58,7 @@ class TestLosses(unittest.TestCase):
         out, w = fixed_outputs(), 0.3
         z = npy(out["z"])
         loss, logs = ffsd.student_loss(out, Y, 1, ARGS, w)
+        logs = graded(logs, "student_loss")
         f_prev, f_k = npy(out["feats"][0][-1]), npy(out["feats"][1][-1])
         a_k = np_att(f_k) / np.linalg.norm(np_att(f_k), axis=1, keepdims=True)
         div = 0.5 * w * ((a_k - np_div_target(np_att(f_prev))) ** 2).mean()
@@ -71,7 +73,7 @@ class TestLosses(unittest.TestCase):
         """With M = 3 students, KD_k = mean over the two others."""
         out = fixed_outputs(M=3)
         z = npy(out["z"])
-        _, logs = ffsd.student_loss(out, Y, 2, ARGS, 1.0)
+        logs = graded(ffsd.student_loss(out, Y, 2, ARGS, 1.0)[1], "student_loss")
         expected = (np_kd(z[2], z[0], 2.0) + np_kd(z[2], z[1], 2.0)) / 2
         self.assertAlmostEqual(logs["kd/student3"].item(), expected, places=5)
 
@@ -87,6 +89,7 @@ class TestLosses(unittest.TestCase):
         """Leader: CE + KD(z_f) + lambda_fusion w (fused-map mimicry, reconstruction, SD)."""
         out, w = fixed_outputs(), 0.5
         loss, logs = ffsd.leader_loss(out, Y, ARGS, w)
+        logs = graded(logs, "leader_loss")
         expect = np_leader_terms(out, Y.numpy(), 3.0 * w, 2.0)
         for k, v in expect.items():
             self.assertAlmostEqual(logs[k].item(), v, places=5, msg=k)
@@ -151,7 +154,7 @@ class TestModel(unittest.TestCase):
         before = {k: v.clone() for k, v in model.named_parameters()}
         x = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std
         _, want = ffsd.ffsd_loss(copy.deepcopy(model)(x), run.data.train_y, args, math.exp(-5 * 0.8 ** 2))
-        logs = ffsd.train_step(model, opts, x, run.data.train_y, 0, 0, run)
+        logs = graded(ffsd.train_step(model, opts, x, run.data.train_y, 0, 0, run), "train_step")
         self.assertTrue(all(math.isfinite(v.item()) for v in logs.values()))
         for name in ("div/student2", "fmap/leader", "sdfit/leader", "loss"):
             self.assertAlmostEqual(logs[name].item(), want[name].item(), delta=1e-5 * abs(want[name].item()),

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import assert_ramp_and_step, batch, np_ce, np_kd, np_softmax  # noqa: E402
+from helpers import assert_ramp_and_step, batch, graded, np_ce, np_kd, np_softmax  # noqa: E402
 import okddip  # noqa: E402  (the grader puts the student's file here)
 
 # 3 peers + the leader (last), B = 2, C = 3; a fixed attention (B, 3, 3), rows summing to 1; labels.
@@ -49,7 +49,7 @@ class TestLoss(unittest.TestCase):
         """ce/peer<a>, kd/peer<a> (T = 3, x T^2, from t_a), ce/leader, kd/leader (from the mean)."""
         _, logs = okddip.okddip_loss(torch.tensor(Z), torch.tensor(A), torch.tensor(Y), 0.7,
                                      okddip.Args())
-        t = targets_by_hand()
+        logs, t = graded(logs, "okddip_loss"), targets_by_hand()
         for a in range(3):
             ce, kd = logs[f"ce/peer{a + 1}"].item(), logs[f"kd/peer{a + 1}"].item()
             self.assertAlmostEqual(ce, np_ce(Z[a], Y), places=5, msg=f"ce/peer{a + 1}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import assert_ramp_and_step, batch, np_ce, np_kd, np_softmax  # noqa: E402
+from helpers import assert_ramp_and_step, batch, graded, np_ce, np_kd, np_softmax  # noqa: E402
 import common  # noqa: E402
 import one  # noqa: E402  (the grader puts the student's file here)
 
@@ -33,6 +33,7 @@ class TestLoss(unittest.TestCase):
     def test_terms_by_hand(self):
         """ce/branch<i>, kd/branch<i> (T = 3, x T^2), ce/one_e and w, against a hand computation."""
         _, logs = one.one_loss(torch.tensor(Z), torch.tensor(Z_E), torch.tensor(Y), 0.3, one.Args())
+        logs = graded(logs, "one_loss")
         for i in range(3):
             ce, kd = logs[f"ce/branch{i + 1}"].item(), logs[f"kd/branch{i + 1}"].item()
             self.assertAlmostEqual(ce, np_ce(Z[i], Y), places=5, msg=f"ce/branch{i + 1}")
@@ -99,8 +100,8 @@ class TestTrainStep(unittest.TestCase):
         args = one.Args(arch="resnet8", num_branches=2, batch_size=16, device="cpu")
         net = model(m=2)
         run, opt, x, y = assert_ramp_and_step(self, one, args, net)
-        self.assertAlmostEqual(one.train_step(net, opt, x, y, epoch=0, step=0, run=run)["w"].item(),
-                               math.exp(-5), places=6, msg="w(0)")
+        logs = graded(one.train_step(net, opt, x, y, epoch=0, step=0, run=run), "train_step")
+        self.assertAlmostEqual(logs["w"].item(), math.exp(-5), places=6, msg="w(0)")
 
 
 class TestEvaluate(unittest.TestCase):

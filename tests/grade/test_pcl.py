@@ -3,6 +3,7 @@ outputs (pcl_loss on hand-made logits, ema_decay, ema_update, the model's studen
 and their outputs, train_step's effect, evaluate's names). Peer j alone: `peers.single(j)` (common).
 """
 import copy
+import math
 import os
 import sys
 import unittest
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, np_ce, np_kd  # noqa: E402
+from helpers import fake_run, graded, np_ce, np_kd  # noqa: E402
 import common  # noqa: E402
 import pcl  # noqa: E402  (the grader puts the student's file here)
 
@@ -43,7 +44,7 @@ def ready_to_step(**changes):
 class TestLoss(unittest.TestCase):
     def test_terms_by_hand(self):
         """ce/ens, ce/peers, kd/ens, kd/mean (T = 3, x T^2; sums over the peers), by hand."""
-        _, logs = pcl.pcl_loss(LOGITS, ENS, MEAN, Y, 0.287, pcl.Args())
+        logs = graded(pcl.pcl_loss(LOGITS, ENS, MEAN, Y, 0.287, pcl.Args())[1], "pcl_loss")
         for name, value in terms_by_hand().items():
             self.assertAlmostEqual(logs[name].item(), value, places=4, msg=name)
 
@@ -87,9 +88,12 @@ class TestTemporalMean(unittest.TestCase):
     def test_update_formula(self):
         """theta' <- phi theta' + (1 - phi) theta, every parameter; BN buffers, student kept."""
         _, model, *_ = ready_to_step()
-        with torch.no_grad():
+        with torch.no_grad():  # a student unlike its mean, BN running statistics included
             for p in model.student.parameters():
                 p.add_(torch.randn_like(p))
+            for b in model.student.buffers():
+                if b.is_floating_point():
+                    b.add_(0.5)
         old = [p.clone() for p in model.mean.parameters()]
         student = [p.clone() for p in model.student.parameters()]
         buffers = [b.clone() for b in model.mean.buffers()]
@@ -105,9 +109,12 @@ class TestTemporalMean(unittest.TestCase):
 
 class TestModel(unittest.TestCase):
     def test_parameter_count(self):
-        """ResNet-32, CIFAR-100: trunk + 3 peers + Linear(3 x 64 -> 100) = 1,212,384 parameters."""
+        """ResNet-32, CIFAR-100: trunk + 3 peers + Linear(3 x 64 -> 100) = 1,212,384 parameters
+        (the temporal mean has none), and the student's forward gives (m, B, C) and (B, C)."""
         model = pcl.build_model(pcl.Args(arch="resnet32"), 100)
         self.assertEqual(common.num_params(model), 1_212_384)
+        logits, ens = model.student(torch.randn(2, 3, 32, 32))
+        self.assertEqual((tuple(logits.shape), tuple(ens.shape)), ((3, 2, 100), (2, 100)))
 
     def test_ensemble_ce_reaches_trunk_and_peers(self):
         """CE(z_e) trains all student parameters but the peers' classifiers (features kept)."""
@@ -164,6 +171,23 @@ class TestTrainStep(unittest.TestCase):
                                            msg=f"peer {j + 1} on view {j + 1}")
                 torch.testing.assert_close(seen["mean"][j], mean_peer(x[j]), atol=1e-5, rtol=0,
                                            msg=f"temporal-mean peer {j + 1} on view {j + 1}")
+
+    def test_rampup_weight_from_the_epoch(self):
+        """train_step hands pcl_loss w(e) = exp(-5 (1 - e/80)^2) of the 0-based EPOCH e, the same at
+        every step of that epoch (not a function of the global step)."""
+        args, model, run, opts, x, y = ready_to_step()
+        seen, real = [], pcl.pcl_loss
+
+        def spy(logits, ens, mean_logits, y, w, *rest):
+            seen.append(float(w))
+            return real(logits, ens, mean_logits, y, w, *rest)
+        with mock.patch.object(pcl, "pcl_loss", spy):
+            for epoch, step in ((0, 0), (40, 80), (40, 97), (80, 160)):
+                pcl.train_step(model, opts, x, y, epoch=epoch, step=step, run=run)
+        want = [math.exp(-5), math.exp(-5 / 4), math.exp(-5 / 4), 1.0]
+        self.assertEqual(len(seen), 4, "train_step must call pcl_loss once")
+        for got, w, at in zip(seen, want, ("w(0)", "w(40) at step 80", "w(40) at step 97", "w(80)")):
+            self.assertAlmostEqual(got, w, places=6, msg=at)
 
     def test_ema_per_epoch(self):
         """--ema-per-epoch: no update inside the epoch; at its last step phi = phi(epoch)."""
