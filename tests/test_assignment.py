@@ -127,13 +127,13 @@ class TestHandout(unittest.TestCase):
         for method in GRADED[1:]:
             out = os.path.join(tmpdir(self), method)
             handout.write(method, out)
-            self.assertEqual(set(os.listdir(out)), {f"{method}.py", "common.py", "requirements.txt",
-                                                    "ASSIGNMENT.md", "check.py"})
+            self.assertEqual(set(os.listdir(out)), {f"{method}.py", "common.py", "beyond.py", "requirements.txt",
+                                                    "ASSIGNMENT.md", "check.py"})  # beyond.py: common imports it
             text = source(method).splitlines()
             inside = {i for r in assignment.regions(source(method)) for i in range(r["begin"] + 1, r["end"])}
             answer = {text[i].strip() for i in inside if assignment._is_code(text[i])}
             answer -= {ln.strip() for i, ln in enumerate(text) if i not in inside}  # the file's own
-            shared = ("baseline.py", "common.py", "tools/student_check.py")  # the same for every method
+            shared = ("baseline.py", "common.py", "beyond.py", "tools/student_check.py")  # every method's
             for name in shared:  # (`with torch.no_grad():`, `loss.backward()`): syntax, not the answer
                 with open(os.path.join(ROOT, name)) as f:
                     answer -= {ln.strip() for ln in f}
