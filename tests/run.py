@@ -25,7 +25,14 @@ def run_module(name):
     result = unittest.TextTestRunner(stream=sys.stderr, verbosity=1).run(suite)
     problems = [f"{kind}: {test.id()}\n{tb}" for kind, items in (("FAIL", result.failures), ("ERROR", result.errors))
                 for test, tb in items]
-    print(json.dumps({"ran": result.testsRun, "bad": len(problems), "skipped": len(result.skipped), "problems": problems}))
+    try:  # this module's CPU seconds, its subprocesses included (POSIX only)
+        import resource
+        cpu = sum(u.ru_utime + u.ru_stime for u in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                              resource.RUSAGE_CHILDREN)))
+    except ImportError:
+        cpu = 0.0
+    print(json.dumps({"ran": result.testsRun, "bad": len(problems), "skipped": len(result.skipped),
+                      "problems": problems, "cpu": cpu}))
 
 
 # The longest modules start first, so the two workers finish together (the rest follow in name order).
@@ -46,7 +53,8 @@ def main(names):
             res = json.loads(p.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
             res = {"ran": 0, "bad": 1, "skipped": 0, "problems": [f"CRASH: {name}\n{p.stdout}\n{p.stderr}"]}
-        print(f"{name:<28} {res['ran'] - res['bad']:>3} passed {res['bad']:>2} failed  {time.time() - t0:6.1f}s", flush=True)
+        print(f"{name:<28} {res['ran'] - res['bad']:>3} passed {res['bad']:>2} failed  {time.time() - t0:6.1f}s"
+              f"  (cpu {res.get('cpu', 0):5.1f}s)", flush=True)
         return res
 
     with ThreadPoolExecutor(max_workers=2) as pool:
