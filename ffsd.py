@@ -4,14 +4,14 @@ S. Li, M. Lin, Y. Wang, Y. Wu, Y. Tian, L. Shao, R. Ji. "Distilling a Powerful S
 Knowledge Distillation". IEEE TNNLS 2022. arXiv:2103.14473. Official code: github.com/SJLeo/FFSD.
 
 M "common students" learn from each other as in DML; each student k >= 1 is pushed to attend to other
-regions than student k-1 (diversity on attention maps). A fusion module turns the students' last-stage
-maps into a fused map with its own classifier. The "leader" (one more network, same backbone) learns from
-that classifier, mimics the fused map and decodes its own map back to the students' maps. Self-distillation
-(SD) modules map a last-stage map back to the shallower stages. Only the leader is deployed.
+regions than student k-1 (diversity on attention maps). A fusion module turns the students' last-stage maps
+into a fused map with its own classifier. The "leader" (one more network, same backbone) learns from that
+classifier, mimics the fused map and decodes its own map back to the students' maps. Self-distillation (SD)
+modules map a last-stage map back to the shallower stages. Only the leader is deployed.
 
 Objective (symbols lost in the paper text; forms from the official code). A(F) = channel-mean of F^2,
 D(u, v) = mean over batch and positions of (u/||u|| - v/||v||)^2, KD_T(t -> s) = T^2 KL(p_t^T || p_s^T),
-sg = stop-gradient, F^l = stage-l map (l = 1..L), z = logits, warm-up w(e) on every lambda:
+sg = stop-gradient, F^l = stage-l map, z = logits, y = labels, p^T = softmax(z/T), w(e) warms up every lambda:
     student k:  CE(z_k, y) + 1/(M-1) sum_{j!=k} KD_2(sg z_j -> z_k)                       (Eqs. 2-3)
                 + [k >= 1] lambda_div * ( Div(A(F_k^L), sg A(F_{k-1}^L))                   (Eqs. 7-9)
                 + sum_{l<L} D(A(F_k^l), A(G_k^l(shift(sg F_{k-1}^L)))) )                   (Eqs. 11-12)
@@ -20,7 +20,8 @@ sg = stop-gradient, F^l = stage-l map (l = 1..L), z = logits, warm-up w(e) on ev
                 + D(A(R(F_ld^L)), A(sg concat)) + sum_{l<L} D(A(F_ld^l), A(G_ld^l(sg F_f))) )  (Eqs. 5, 13-14)
     SD module:  lambda_sd * sum_{l<L} [ D(G^l, sg F^l) + D(A(G^l), sg A(F^l)) ],  G^l = G^l(sg F^L) of its
                 own network, F flattened over C*H*W in the first term                              (Eq. 10)
-G_k: SD module of student k >= 1 (none for student 0); G_ld: the leader's; R: the leader's decoder.
+G_k, G_ld: SD modules of student k >= 1 and of the leader; R: the leader's decoder; shift = shifted_map;
+Div(a, sg a') = mean (a/||a|| - t)^2, t = diversity_target(a') (Eq. 8); concat: stacked on channels.
 
 Differences from baseline.py:
     1. Three kinds of trained parts: M common students and a leader (full backbones, nothing shared), the
@@ -28,8 +29,7 @@ Differences from baseline.py:
     2. The loss is the sum of the students', the fusion module's, the leader's and the SD modules' losses.
     3. Six optimisers for M = 2 (student SGDs, leader+R SGD, fusion SGD with wd 1e-5, SD Adams).
     4. FFSD's own recipe: weight decay 1e-4 and reflect padding (the other scripts use 5e-4 and zeros).
-    5. Evaluation reports each student, their mean accuracy and logit-mean ensemble, the fusion classifier
-       and the leader (deployed).
+    5. Evaluation reports the students, their mean accuracy, logit-mean ensemble, fusion, leader (deployed).
 
 Deviations from the official code (SJLeo/FFSD, CIFARTrainer.py):
     1. One summed backward, then every optimiser steps (the code: one backward per network, students ->
