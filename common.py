@@ -11,8 +11,8 @@ What a method file may use, by section (sections 1-5 are the reading path; 6 is 
                     `.autocast()`, `.to_device()`, `.scalar()`), `sgd`, `adam`, `kd_loss`,
                     `sigmoid_rampup`, `rampup_weight`, `ema_update`, `fp32_region`, `eval_mode`,
                     `fit(run, model, optimizers, train_step, evaluate, deployed, ...)`.
-  6. Plumbing       nothing directly: devices, seeds, metrics.jsonl, checkpoints, --resume,
-                    deployed.pt, final.json.
+  6. Plumbing       nothing directly: the start of a run, --compile, devices, seeds, metrics.jsonl,
+                    checkpoints, --resume, deployed.pt, final.json.
 Streamed folders, the ImageNet recipe and torchrun live in beyond.py; `setup` hands such a run over.
 """
 import argparse
@@ -834,7 +834,7 @@ def train_batches(run, gen, views=1):
 
 
 # =====================================================================================================
-# 5. Training loop: KD helper, schedule, optimisers, the Run, setup, evaluation, fit and its helpers.
+# 5. Training loop: KD helper, ramp-up, EMA, schedule, optimisers, the Run, setup, evaluation, fit.
 # =====================================================================================================
 def kd_loss(student_logits, teacher_logits, T):
     """KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch
@@ -947,19 +947,6 @@ def fp32_region(x):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
-def compile_model(model):
-    """--compile: torch.compile, in place (nn.Module.compile: state_dict keys unchanged), the forward
-    of the model, or of each child when the model has none (PCL's student and mean, DML's networks).
-    Static shapes (--compile implies --drop-last); modules called other ways (FFSD's net.features)
-    stay eager."""
-    if type(model).forward is nn.Module.forward:  # no forward of its own (ModuleList, PCL)
-        for child in model.children():
-            compile_model(child)
-    else:
-        model.compile(dynamic=False)
-    return model
-
-
 @dataclass
 class Run:
     """One training run: what a method's step uses (args, device, autocast, layout, scalar) and the
@@ -1053,37 +1040,6 @@ def setup(args, method):
     return start_run(args, method, pick_device(args.device))
 
 
-def start_run(args, method, device, load=None, cls=Run):
-    """The start every run shares: the --arch list, --out and --resume, the seeds, the data
-    (load(args, device), by default load_data) and the Run (class cls)."""
-    for name in args.arch.split(","):  # a list (one backbone per network) where a method allows it
-        if name not in BACKBONES:
-            fail(f"unknown --arch {name!r}; choices: {', '.join(BACKBONES)}")
-    out = args.out or os.path.join("runs", f"{method}-{args.arch}-{args.dataset}-seed{args.seed}")
-    ckpt = os.path.join(out, "checkpoint.pt")
-    if args.resume and not os.path.isfile(ckpt):
-        fail(f"--resume: no checkpoint at {ckpt!r}")
-    if not args.resume and os.path.isfile(ckpt):
-        fail(f"{out!r} already holds a run; continue it with --resume or choose another --out")
-    seed_everything(args.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    try:
-        data = (load or load_data)(args, device)
-    except KeyboardInterrupt:  # Ctrl-C here: one line, status 130, nothing written
-        print(f"interrupted while loading the data; nothing was written to {out!r}",
-              file=sys.stderr, flush=True)
-        raise SystemExit(130)
-    cuda = device.type == "cuda"  # bf16 and channels_last: CUDA only (not measured on MPS or CPU)
-    run = cls(args, method, device, data, out, amp=cuda and args.bf16,
-              channels_last=cuda and args.channels_last)
-    if run.drop_last and run.steps_per_epoch == 0:
-        why = "--drop-last" if args.drop_last else "--compile (implies --drop-last)"
-        fail(f"--batch-size {args.batch_size} with {why} leaves no training batch: the training "
-             f"set has {len(data.train_y)} images; lower --batch-size")
-    return run
-
-
 @torch.no_grad()
 def evaluate_all(run, model, evaluate):
     """Top-1 accuracy (%) of every model the method names: evaluate(model, x) -> {name: logits (B, C)},
@@ -1155,9 +1111,54 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
 
 
 # =====================================================================================================
-# 6. Plumbing: devices and seeds; what fit writes and reads back (the epoch's loss sums, the console row,
-#    metrics.jsonl, checkpoints and --resume, Ctrl-C, the non-finite check, deployed.pt, final.json).
+# 6. Plumbing: the start every run shares, --compile, devices and seeds; what fit writes and reads back
+#    (the epoch's loss sums, the console row, metrics.jsonl, checkpoints and --resume, Ctrl-C, the
+#    non-finite check, deployed.pt, final.json).
 # =====================================================================================================
+def start_run(args, method, device, load=None, cls=Run):
+    """The start every run shares: the --arch list, --out and --resume, the seeds, the data
+    (load(args, device), by default load_data) and the Run (class cls)."""
+    for name in args.arch.split(","):  # a list (one backbone per network) where a method allows it
+        if name not in BACKBONES:
+            fail(f"unknown --arch {name!r}; choices: {', '.join(BACKBONES)}")
+    out = args.out or os.path.join("runs", f"{method}-{args.arch}-{args.dataset}-seed{args.seed}")
+    ckpt = os.path.join(out, "checkpoint.pt")
+    if args.resume and not os.path.isfile(ckpt):
+        fail(f"--resume: no checkpoint at {ckpt!r}")
+    if not args.resume and os.path.isfile(ckpt):
+        fail(f"{out!r} already holds a run; continue it with --resume or choose another --out")
+    seed_everything(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        data = (load or load_data)(args, device)
+    except KeyboardInterrupt:  # Ctrl-C here: one line, status 130, nothing written
+        print(f"interrupted while loading the data; nothing was written to {out!r}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(130)
+    cuda = device.type == "cuda"  # bf16 and channels_last: CUDA only (not measured on MPS or CPU)
+    run = cls(args, method, device, data, out, amp=cuda and args.bf16,
+              channels_last=cuda and args.channels_last)
+    if run.drop_last and run.steps_per_epoch == 0:
+        why = "--drop-last" if args.drop_last else "--compile (implies --drop-last)"
+        fail(f"--batch-size {args.batch_size} with {why} leaves no training batch: the training "
+             f"set has {len(data.train_y)} images; lower --batch-size")
+    return run
+
+
+def compile_model(model):
+    """--compile: torch.compile, in place (nn.Module.compile: state_dict keys unchanged), the forward
+    of the model, or of each child when the model has none (PCL's student and mean, DML's networks).
+    Static shapes (--compile implies --drop-last); modules called other ways (FFSD's net.features)
+    stay eager."""
+    if type(model).forward is nn.Module.forward:  # no forward of its own (ModuleList, PCL)
+        for child in model.children():
+            compile_model(child)
+    else:
+        model.compile(dynamic=False)
+    return model
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
