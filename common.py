@@ -17,6 +17,7 @@ Streamed folders, the ImageNet recipe and torchrun live in beyond.py; `setup` ha
 """
 import argparse
 import dataclasses
+import functools
 import datetime
 import json
 import math
@@ -723,7 +724,14 @@ def make_fake(n, seed, num_classes=10):
     """Deterministic synthetic 32x32 RGB set: each class has its own colour plus a smooth random pattern
     (a 4x4 grid upsampled), the same for every split; an image is its class template at a random
     brightness plus pixel noise drawn from `seed`. A small CNN learns it in a few CPU epochs, and the
-    class survives crop and flip. Independent of --seed: the same data every run."""
+    class survives crop and flip. Independent of --seed: the same data every run, so it is built once
+    per process (about a second of CPU) and each call gets its own copy."""
+    x, y = _fake_set(n, seed, num_classes)
+    return x.clone(), y.clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _fake_set(n, seed, num_classes):
     g = torch.Generator().manual_seed(1234)
     colour, grid = (torch.rand(num_classes, 3, 1, 1, generator=g),
                     torch.rand(num_classes, 3, 4, 4, generator=g))
