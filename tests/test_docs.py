@@ -2,12 +2,17 @@
 is written `` `file.py`: `code` ``: the file must exist and contain that code (whitespace-insensitive, so
 re-wrapping a line does not break it); every other backticked `path.py` or `.md` must exist; every
 relative link must resolve; every question of the tutorial (Q) and of Lab 1 (L) has its answer in the
-instructor's page, and neither student page carries answers. Text only: fast."""
+instructor's page, and neither student page carries answers; the instructor's page lists every line of
+a marked region's code (an assignment's answer) that the tutorial quotes. Text only: fast."""
 import os
 import re
+import sys
 import unittest
 
 from helpers import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import assignment  # noqa: E402
 
 PAGES = ["docs/tutorial.md", "docs/instructor.md", "docs/lab1.md"]
 POINTER = re.compile(r"`([\w./-]+\.\w+)`: `([^`]+)`")
@@ -50,6 +55,26 @@ def broken(page, text=None):
     return bad
 
 
+def handout_view(path):
+    """The file's text without the code lines of its marked regions (what a student's copy keeps)."""
+    lines = read(path).splitlines()
+    inside = {i for r in assignment.regions("\n".join(lines), path) for i in range(r["begin"] + 1, r["end"])
+              if not lines[i].strip().startswith("#")}
+    return "\n".join(ln for i, ln in enumerate(lines) if i not in inside)
+
+
+def quoted_answers(text):
+    """The pointers of `text` into a method file that quote code of a marked region only."""
+    methods = {f"{m}.py" for m in assignment.METHODS}
+    return {(path, code) for path, code in POINTER.findall(re.sub(r"``.*?``", "", text))
+            if path in methods and squash(code) not in squash(handout_view(path))}
+
+
+def withheld_paragraph():
+    text = read("docs/instructor.md")
+    return text.split("**What the tutorial quotes.**", 1)[1].split("\n\n", 1)[0]
+
+
 def lab_questions():
     section = read("docs/lab1.md").split("## Questions", 1)[1].split("\n## ", 1)[0]
     return [f"L{n}" for n in re.findall(r"^(\d+)\. ", section, re.M)]
@@ -76,6 +101,22 @@ class CodePointers(unittest.TestCase):
             f"{page}: `gone.py` does not exist (pointer `x`)",
             f"{page}: `gone.py` does not exist",
             f"{page}: link (nowhere.md) does not resolve"])
+
+
+class QuotedAnswers(unittest.TestCase):
+    def test_the_instructor_page_lists_the_region_code_the_tutorial_quotes(self):
+        """A tutorial pointer to region code quotes the reference solution: the instructor's page must
+        name exactly those lines, so its advice on when to hand out the tutorial stays true."""
+        quoted, listed = quoted_answers(read("docs/tutorial.md")), quoted_answers(withheld_paragraph())
+        self.assertEqual(sorted(quoted - listed), [], "quoted by docs/tutorial.md, not listed in "
+                         "docs/instructor.md's 'What the tutorial quotes'")
+        self.assertEqual(sorted(listed - quoted), [], "listed in docs/instructor.md, no longer quoted")
+
+    def test_a_comment_or_signature_is_no_quote(self):
+        """The check itself: region code counts, a region's `# ALGO:` comment and a signature do not."""
+        text = ("`pcl.py`: `return min(1.0 - 1.0 / (g + 1), beta)` `pcl.py`: `def ema_decay(g, beta)` "
+                "`pcl.py`: `# ALGO: CE(z_e, y): the ensemble head's only loss` `common.py`: `def fit(`")
+        self.assertEqual(quoted_answers(text), {("pcl.py", "return min(1.0 - 1.0 / (g + 1), beta)")})
 
 
 class Answers(unittest.TestCase):
