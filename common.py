@@ -51,6 +51,18 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
+def require(feature, **needed):
+    """Stop with one line where a feature needs a newer package than requirements.txt's floor, e.g.
+    require("--compile on Python 3.12", torch="2.4") -> `error: --compile on Python 3.12 needs
+    torch >= 2.4 (this is 2.3.1)`. Versions compare by their leading numbers (2.4.1+cu121 -> 2.4.1)."""
+    def numbers(version):
+        return tuple(int(p) for p in version.split("+")[0].split(".") if p.isdigit())
+    for package, version in needed.items():
+        have = sys.modules.get(package) or __import__(package)
+        if numbers(have.__version__) < numbers(version):
+            fail(f"{feature} needs {package} >= {version} (this is {have.__version__})")
+
+
 # =====================================================================================================
 # 1. CLI bridge and shared arguments
 # =====================================================================================================
@@ -665,12 +677,12 @@ def list_folder(root, split, classes=None):
 def _folder(root, split, classes=None, size=0):
     """Read root/split/<class>/* (any image torchvision can decode) as uint8 (N, 3, S, S): every
     image of the split one size S (`size` when given; section 6), 32 for CIFAR in a folder."""
-    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.io import ImageReadMode, decode_image, read_file
     paths, labels, found = list_folder(root, split, classes)  # the layout checks, nothing decoded yet
     xs, first = [], None
     for path in paths:
         try:
-            img = decode_image(path, mode=ImageReadMode.RGB)
+            img = decode_image(read_file(path), mode=ImageReadMode.RGB)  # bytes: torchvision < 0.20
         except Exception:
             fail(f"cannot decode image {path!r} (not an image file torchvision can read)")
         first = first or (path, tuple(img.shape[1:]))
@@ -874,6 +886,9 @@ def fp32_region(x):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
 
+COMPILE_NEEDS = {(3, 12): "2.4", (3, 13): "2.6"}  # Python -> the first torch whose compile runs on it
+
+
 def compile_model(model):
     """--compile: torch.compile the forward of every module a method calls: the model itself when
     it has a forward, else each child that has one (PCL's student and temporal mean, DML's
@@ -881,6 +896,9 @@ def compile_model(model):
     exports are unchanged. Shapes are static (dynamic=False; --compile implies --drop-last);
     train/eval mode, grad mode and the last partial test batch each compile once. Modules called
     other ways (FFSD's evaluate reads net.features) stay eager."""
+    python = sys.version_info[:2]
+    if python in COMPILE_NEEDS:  # Dynamo learns each Python release in a later torch
+        require(f"--compile on Python {python[0]}.{python[1]}", torch=COMPILE_NEEDS[python])
     if type(model).forward is nn.Module.forward:  # no forward of its own (ModuleList, PCL)
         for child in model.children():
             compile_model(child)
@@ -1474,6 +1492,8 @@ def folder_loader(args):
 def load_stream(args, device):
     """--dataset folder, streamed: list both splits (class-balanced subsets as in load_data) and
     estimate the normalisation on a train sample; beyond_batches and evaluate_stream decode."""
+    if device.type == "cuda":  # _collect decodes each batch's JPEGs in one call on the GPU
+        require("decoding a list of JPEGs on the GPU (a streamed folder on CUDA)", torchvision="0.19")
     S = args.image_size or 224
     train, ty, classes = list_folder(args.data_dir, "train")
     test, vy, _ = list_folder(args.data_dir, "test", classes)
