@@ -4,7 +4,8 @@ GRID ?= short
 NPZ ?= $(wildcard local/cifar10_jpeg.npz)
 BUDGET ?= 460
 
-.PHONY: help install test test-oldest smoke diff bench reproduce report plot assignment grade gpu-check gpu-ingest
+.PHONY: help install test test-oldest smoke diff bench reproduce report plot assignment grade gpu-check \
+  gpu-ingest
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
