@@ -58,7 +58,7 @@ def require(feature, **needed):
     def numbers(version):
         return tuple(int(p) for p in version.split("+")[0].split(".") if p.isdigit())
     for package, version in needed.items():
-        have = sys.modules.get(package) or __import__(package)
+        have = __import__(package)  # torch or torchvision, already imported
         if numbers(have.__version__) < numbers(version):
             fail(f"{feature} needs {package} >= {version} (this is {have.__version__})")
 
