@@ -4,15 +4,25 @@ GRID ?= short
 NPZ ?= $(wildcard local/cifar10_jpeg.npz)
 BUDGET ?= 300
 
-.PHONY: help install test smoke diff bench reproduce report plot handout grade gpu-check
+.PHONY: help install test test-oldest smoke diff bench reproduce report plot handout grade gpu-check
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 install: ## install the run-time dependencies (torch, torchvision, numpy)
 	$(PY) -m pip install -r requirements.txt
 
 test: ## run the CPU test suite (tiny synthetic data, a few minutes on 2 cores)
 	$(PY) tests/run.py
+
+OLDEST = .venv-oldest
+test-oldest: ## the suite on the floor versions (requirements-oldest.txt) in its own venv .venv-oldest/
+	@if ! cmp -s requirements-oldest.txt $(OLDEST)/pins.txt; then \
+	  echo "make test-oldest: building $(OLDEST)/ from requirements-oldest.txt (a few GB, minutes)"; \
+	  rm -rf $(OLDEST) && $(PY) -m venv $(OLDEST) && \
+	  $(OLDEST)/bin/python -m pip install -r requirements-oldest.txt > $(OLDEST)/pip.log 2>&1 \
+	    || { tail -n 20 $(OLDEST)/pip.log; echo "make test-oldest: pip install failed"; exit 1; }; \
+	  cp requirements-oldest.txt $(OLDEST)/pins.txt; fi
+	$(OLDEST)/bin/python tests/run.py
 
 smoke: ## one tiny CPU epoch of every script on the synthetic set; stops at the first script that fails
 	@mkdir -p runs; for m in baseline $(METHODS); do [ -f $$m.py ] || continue; rm -rf runs/smoke-$$m; \

@@ -72,6 +72,8 @@ class StreamData:
 def load_stream(args, device):
     """--dataset folder, streamed: list both splits (class-balanced subsets as in load_data) and
     estimate the normalisation on a train sample; the batches and the scoring decode."""
+    if device.type == "cuda":  # _collect decodes each batch's JPEGs in one call on the GPU
+        common.require("decoding a list of JPEGs on the GPU (a streamed folder on CUDA)", torchvision="0.19")
     S = args.image_size or 224
     train_files, train_y, classes = common.list_folder(args.data_dir, "train")
     test_files, test_y, _ = common.list_folder(args.data_dir, "test", classes)

@@ -1154,11 +1154,29 @@ def start_run(args, method, device, load=None, cls=Run):
     return run
 
 
+def require(feature, **needed):
+    """Stop with one line where a feature needs a newer package than requirements.txt's floor, e.g.
+    require("--compile on Python 3.12", torch="2.4") -> `error: --compile on Python 3.12 needs
+    torch >= 2.4 (this is 2.3.1)`. Versions compare by their leading numbers (2.4.1+cu121 -> 2.4.1)."""
+    def numbers(version):
+        return tuple(int(p) for p in version.split("+")[0].split(".") if p.isdigit())
+    for package, version in needed.items():
+        have = __import__(package)  # torch or torchvision, already imported
+        if numbers(have.__version__) < numbers(version):
+            fail(f"{feature} needs {package} >= {version} (this is {have.__version__})")
+
+
+COMPILE_NEEDS = {(3, 12): "2.4", (3, 13): "2.6"}  # Python -> the first torch whose compile runs on it
+
+
 def compile_model(model):
     """--compile: torch.compile, in place (nn.Module.compile: state_dict keys unchanged), the forward
     of the model, or of each child when the model has none (PCL's student and mean, DML's networks).
     Static shapes (--compile implies --drop-last); modules called other ways (FFSD's net.features)
     stay eager."""
+    python = sys.version_info[:2]
+    if python in COMPILE_NEEDS:  # Dynamo learns each Python release in a later torch
+        require(f"--compile on Python {python[0]}.{python[1]}", torch=COMPILE_NEEDS[python])
     if type(model).forward is nn.Module.forward:  # no forward of its own (ModuleList, PCL)
         for child in model.children():
             compile_model(child)

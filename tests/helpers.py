@@ -207,3 +207,16 @@ def np_leader_terms(out, y, lam, T):
             "fmap/leader": lam * np_dist_att(out["feats_ld"][-1], out["fused"]),
             "recon/leader": lam * np_dist_att(out["recon"], out["concat"]),
             "sd/leader": lam * sum(np_dist_att(f, g) for f, g in zip(out["feats_ld"][:-1], out["sd_teach_ld"]))}
+
+
+def no_fake_cuda():
+    """Why this torch cannot make fake CUDA tensors on a machine without a GPU (older releases reach
+    the CUDA driver for a fake tensor's random init), or None where it can: the fake-CUDA audits of
+    test_cuda_rules and test_common skip with that reason (on the floor of requirements-oldest.txt)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    try:
+        with FakeTensorMode(), torch.device("cuda"):
+            torch.empty(2).uniform_()  # what building a network does
+    except RuntimeError as e:
+        return f"fake CUDA tensors fail on torch {torch.__version__}: {str(e).splitlines()[0]}"
+    return None

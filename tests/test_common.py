@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from helpers import ROOT, fake_run, run_script, tmpdir  # noqa: F401  (helpers sets sys.path and threads)
+from helpers import ROOT, fake_run, no_fake_cuda, run_script, tmpdir  # noqa: F401  (helpers sets sys.path and threads)
 import common
 
 METHOD_FILES = ["baseline.py", "dml.py", "one.py", "okddip.py", "pcl.py", "ffsd.py"]
@@ -261,6 +261,7 @@ class TestCaptureSafe(unittest.TestCase):
         self.assertEqual((w.item(), w._version), (0.5, version + 1))
         self.assertIsNot(run.scalar("phi", 0.5), w)
 
+    @unittest.skipIf(no_fake_cuda(), str(no_fake_cuda()))
     def test_set_lr_floats_on_cpu_device_tensors_for_fused_cuda_optimisers(self):
         args = common.TrainArgs(dataset="fake", device="cpu", epochs=4, lr=0.1, lr_decay_at="0.5")
         run = fake_run(args, n=16)

@@ -5,9 +5,10 @@ method calls.
 Tolerance: compiled (inductor) kernels fuse and reorder float operations, so a compiled step differs
 from the eager one in the last bits, and training amplifies such differences step by step. Measured
 on this test's setting (resnet8, batches of 32, lr 0.1, CPU): the first step's loss agrees to ~1e-7
-relative, the fourth's to ~6e-6; the test allows 1e-4 relative for the losses of 4 steps and for
-the weights after them. A real compilation takes ~30 s on two CPU cores, so there is one, in one
-test.
+relative, the fourth's to ~6e-6 on torch 2.14 and to 1.5e-4 on torch 2.3.1 and 2.4.1 (another
+inductor, other fusions); the test allows 5e-4 relative for the losses of 4 steps and for the
+weights after them (the loss moves by 11-19 % a step: a step lost or done twice is far outside
+it). A real compilation takes ~30 s on two CPU cores, so there is one, in one test.
 """
 import contextlib
 import io
@@ -24,7 +25,7 @@ import common
 import dml
 import pcl
 
-TOL = 1e-4  # relative; see the module docstring
+TOL = 5e-4  # relative; see the module docstring
 
 
 class Compile(unittest.TestCase):

@@ -51,7 +51,7 @@ from torch.optim.optimizer import (register_optimizer_step_post_hook,
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from helpers import fake_run  # helpers also sets sys.path and threads
+from helpers import fake_run, no_fake_cuda  # helpers also sets sys.path and threads
 import common
 
 aten = torch.ops.aten
@@ -262,6 +262,10 @@ def first_difference(a, b):
     return None if len(a) == len(b) else f"{len(a)} vs {len(b)} ops"
 
 
+NO_FAKE_CUDA = no_fake_cuda()
+
+
+@unittest.skipIf(NO_FAKE_CUDA, str(NO_FAKE_CUDA))
 class CudaRules(unittest.TestCase):
     maxDiff = None  # every violation in the report
 
