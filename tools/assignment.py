@@ -205,6 +205,12 @@ def _flatten(suite):
         yield from (_flatten(t) if isinstance(t, unittest.TestSuite) else [t])
 
 
+def _property(test):
+    """What a grading test checks: its docstring's first paragraph, on one line."""
+    doc = getattr(type(test), test._testMethodName).__doc__ or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def grade(method, path, only=None):
     """Run tests/grade/test_<method>.py (or the tests named in `only`, e.g. "TestLoss.test_total")
     against the file at `path`. Returns {test name: (what it checks, None if it passed or the
@@ -226,7 +232,7 @@ def grade(method, path, only=None):
         suite = unittest.defaultTestLoader.loadTestsFromModule(tests)
         if only is not None:
             suite = unittest.TestSuite(t for t in _flatten(suite) if t.id().split(".", 1)[1] in only)
-        cases = [(t.id(), t.shortDescription() or "") for t in _flatten(suite)]  # before the run
+        cases = [(t.id(), _property(t)) for t in _flatten(suite)]  # before the run
         result = unittest.TestResult()
         suite.run(result)
     finally:
@@ -245,7 +251,8 @@ def report(method, path, outcome, verbose=False):
         if reason is None:
             print(f"  ok    {name}")
             continue
-        print(f"  FAIL  {name}" + (f": {doc}" if doc else ""))
+        print(textwrap.fill(f"FAIL  {name}" + (f": {doc}" if doc else ""), WIDTH, initial_indent="  ",
+                            subsequent_indent="        "))
         short = verbose or reason.startswith("NotImplementedError") or len(reason) <= 300
         print(textwrap.fill(reason if short else reason[:297] + "...", WIDTH,
                             initial_indent="        ", subsequent_indent="        "))
