@@ -33,11 +33,12 @@ def terms_by_hand(T=3.0, m=3):
 
 
 def ready_to_step(**changes):
-    """A resnet8 PCL model in train mode, its optimisers, a 32-image run and a batch of 3 views."""
+    """A resnet8 PCL model in train mode, its optimisers, a 16-image run (2 steps per epoch) and a
+    batch of 3 views of 8 images."""
     torch.manual_seed(0)
-    args = pcl.Args(arch="resnet8", device="cpu", batch_size=16, **changes)
+    args = pcl.Args(arch="resnet8", device="cpu", batch_size=8, **changes)
     model = pcl.build_model(args, 10).train()
-    run = fake_run(args, 32)
+    run = fake_run(args, 16)
     x, y = next(iter(common.train_batches(run, torch.Generator().manual_seed(0), views=3)))
     return args, model, run, pcl.build_optimizers(model, args), x, y
 
@@ -127,7 +128,7 @@ class TestModel(unittest.TestCase):
         """CE(z_e) trains all student parameters but the peers' classifiers (features kept)."""
         _, model, _, _, x, y = ready_to_step()
         logits, ens = model.student(x)
-        self.assertEqual((tuple(logits.shape), tuple(ens.shape)), ((3, 16, 10), (16, 10)))
+        self.assertEqual((tuple(logits.shape), tuple(ens.shape)), ((3, 8, 10), (8, 10)))
         params = list(model.student.parameters())
         grads = torch.autograd.grad(F.cross_entropy(ens, y), params, allow_unused=True)
         reached = sum(g is not None and bool(g.any()) for g in grads)
@@ -222,7 +223,7 @@ class TestTrainStep(unittest.TestCase):
 
     def test_mean_teacher_in_train_mode(self):
         """The temporal mean produces its targets in train mode (batch statistics), as fit leaves
-        it; its BN running statistics are its own."""
+        it, not in eval mode."""
         args, model, run, opts, x, y = ready_to_step()
         before, seen, real = copy.deepcopy(model), {}, pcl.pcl_loss
 
