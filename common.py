@@ -1221,6 +1221,9 @@ class LossMeter:
         self.names, self.seen = None, 0
 
     def add(self, logs, n, step):
+        if not (isinstance(logs, dict) and "loss" in logs
+                and all(torch.is_tensor(v) and v.dim() == 0 for v in logs.values())):
+            fail(f"train_step must return a non-empty dict of 0-d tensors with 'loss' (got {logs!r:.80})")
         vals = torch.stack([v.detach().float() for v in logs.values()])  # (terms,)
         if self.names is None:
             self.names, self.sums, self.bad = list(logs), torch.zeros_like(vals), torch.full_like(vals, -1.0)

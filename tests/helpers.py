@@ -69,19 +69,32 @@ def graded(logs, who):
     return GradedLogs(logs, who)
 
 
+def step_logs(logs, who="train_step"):
+    """train_step's return value as the grader reads it: the loss function's logs, a non-empty dict of
+    0-d tensors with 'loss' (fit averages and prints them); anything else fails saying so."""
+    ok = isinstance(logs, dict) and "loss" in logs and all(
+        torch.is_tensor(v) and v.dim() == 0 for v in logs.values())
+    if not ok:
+        raise AssertionError(f"{who} must return the loss function's logs, a non-empty dict of 0-d "
+                             f"tensors with 'loss' (got {logs!r:.80})")
+    return graded(logs, who)
+
+
 def assert_ramp_and_step(test, method, args, net, n=16):
-    """A method with a ramp-up weight: train_step logs w(40) = exp(-5 (1 - 40/80)^2) at any step of
-    epoch 40 (the same value at two steps: w depends on the epoch only) and moves the weights. Returns
-    (run, optimisers, x, y) for further checks."""
-    run = fake_run(args, n)
+    """A method with a ramp-up weight: train_step returns its loss's logs, and logs w(e) = exp(-5 (1 -
+    e/L)^2) at e = L/2 (L = args.rampup_epochs, so an even non-default length catches a hard-coded 80)
+    at any step of that epoch (the same value at two steps: w depends on the epoch only) and moves the
+    weights. Returns (run, optimisers, x, y) for further checks."""
+    run, e = fake_run(args, n), args.rampup_epochs // 2
     x, y = normalised(run)
     opt = method.build_optimizers(net, args)
     before = [p.detach().clone() for p in net.parameters()]
-    a = graded(method.train_step(net, opt, x, y, epoch=40, step=0, run=run), "train_step")["w"].item()
+    a = step_logs(method.train_step(net, opt, x, y, epoch=e, step=0, run=run))["w"].item()
     moved = any(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
     test.assertTrue(moved, "no optimiser step")
-    b = graded(method.train_step(net, opt, x, y, epoch=40, step=7, run=run), "train_step")["w"].item()
-    test.assertAlmostEqual(a, math.exp(-5 * (1 - 40 / 80) ** 2), places=6, msg="w(40)")
+    b = step_logs(method.train_step(net, opt, x, y, epoch=e, step=7, run=run))["w"].item()
+    test.assertAlmostEqual(a, math.exp(-5 / 4), places=6,
+                           msg=f"w({e}) with --rampup-epochs {args.rampup_epochs}")
     test.assertEqual(a, b, "w depends on the epoch only")
     return run, opt, x, y
 

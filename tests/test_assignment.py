@@ -97,7 +97,8 @@ class TestGrading(unittest.TestCase):
         bad = failed(assignment.grade("pcl", out))
         steps = ["ema_per_epoch", "mean_teacher_gets_no_gradient",  # train_step calls ema_decay
                  "peer_j_and_mean_peer_k_see_their_own_view", "rampup_weight_from_the_epoch",
-                 "mean_updated_after_the_optimiser_step"]
+                 "mean_updated_after_the_optimiser_step", "mean_teacher_in_train_mode",
+                 "phi_capped_by_ema_decay", "returns_the_loss_logs"]
         phi = "TestTemporalMean.test_phi_schedule"
         self.assertEqual(set(bad), {phi} | {f"TestTrainStep.test_{t}" for t in steps})
         self.assertIn("ema_decay [phi(g)]: the decay of update g, see the header", bad[phi])
@@ -123,6 +124,16 @@ def check(folder, *argv):
 
 
 class TestHandout(unittest.TestCase):
+    def test_lab1_line_is_the_labs_command(self):
+        with open(os.path.join(ROOT, "docs", "lab1.md")) as f:
+            lab = f.read().splitlines()
+        for method in GRADED:
+            md = handout.assignment_md(method, source(method))
+            self.assertIn(handout.longer_run(method), md.splitlines(), method)
+            self.assertEqual(handout.longer_run(method) in lab, method in ("baseline", "pcl"), method)
+            self.assertEqual("Lab 1" in md, method in ("baseline", "pcl"), f"{method}: Lab 1 trains baseline and PCL")
+            self.assertIn("(a minute or two)", md)  # as check.py says
+
     def test_no_line_of_the_answer_and_the_checks_run(self):
         for method in GRADED[1:]:
             out = os.path.join(tmpdir(self), method)

@@ -235,6 +235,18 @@ class TestSchedulesAndLoss(unittest.TestCase):
         self.assertAlmostEqual(w(79), 0.999219, places=5)
         self.assertEqual((w(80), w(200), common.sigmoid_rampup(3, 0)), (1.0, 1.0, 1.0))
 
+    def test_loss_meter_needs_train_steps_logs(self):
+        """A train_step that returns no logs (or not a dict of 0-d tensors with 'loss') is a one-line
+        error naming what it got, not a failed torch.stack."""
+        meter = common.LossMeter()
+        meter.add({"loss": torch.tensor(2.0), "ce": torch.tensor(1.0)}, 4, 0)
+        self.assertEqual(meter.means(), {"loss": 2.0, "ce": 1.0})
+        for bad in ({}, None, {"ce": torch.tensor(1.0)}, {"loss": torch.ones(3)}, {"loss": 1.0}):
+            with self.assertRaises(SystemExit) as cm:
+                common.LossMeter().add(bad, 4, 0)
+            self.assertEqual(str(cm.exception), "error: train_step must return a non-empty dict of 0-d tensors "
+                                                f"with 'loss' (got {bad!r})")
+
     def test_lr_milestones(self):
         args = common.TrainArgs(epochs=300)
         self.assertEqual([common.lr_factor(e, args) for e in (0, 149, 150, 224, 225, 299)],

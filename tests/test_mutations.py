@@ -15,10 +15,12 @@ import assignment  # noqa: E402
 
 
 def grading_tests(method):
-    """Every `Class.test_name` in tests/grade/test_<method>.py."""
+    """{`Class.test_name`: its docstring's first paragraph, on one line} for every test in
+    tests/grade/test_<method>.py."""
     with open(os.path.join(ROOT, "tests", "grade", f"test_{method}.py")) as f:
         tree = ast.parse(f.read())
-    return {f"{c.name}.{fn.name}" for c in tree.body if isinstance(c, ast.ClassDef)
+    return {f"{c.name}.{fn.name}": " ".join((ast.get_docstring(fn) or "").split("\n\n")[0].split())
+            for c in tree.body if isinstance(c, ast.ClassDef)
             for fn in c.body if isinstance(fn, ast.FunctionDef) and fn.name.startswith("test_")}
 
 
@@ -36,15 +38,17 @@ class TestCatalogue(unittest.TestCase):
         self.assertGreaterEqual(len(found), 10, f"{method}: fewer than 10 mutations")
         names, caught = grading_tests(method), set()
         for what, edits, catchers in found:
-            self.assertTrue(set(catchers) <= names, f"{method}: {catchers} are not grading tests")
+            self.assertTrue(set(catchers) <= set(names), f"{method}: {catchers} are not grading tests")
             outcome = assignment.grade(method, self.mutant(method, edits, what), only=catchers)
             self.assertEqual(set(outcome), set(catchers), f"{method}: {what}: tests not run")
             for test, (doc, reason) in outcome.items():
                 self.assertIsNotNone(reason, f"{method}: {what!r} passes {test}")
                 self.assertRegex(reason, r"^AssertionError: ", f"{method}: {what}: {test}")
                 self.assertTrue(doc, f"{method} {test}: no docstring naming the property")
+                self.assertEqual(doc, names[test], f"{method} {test}: the grader prints the docstring's "
+                                                   f"first paragraph, whole")
             caught |= set(catchers)
-        self.assertEqual(names - caught, set(), f"{method}: grading tests no mutation makes fail")
+        self.assertEqual(set(names) - caught, set(), f"{method}: grading tests no mutation makes fail")
         for what, edits in mutations.REWRITES[method]:
             outcome = assignment.grade(method, self.mutant(method, edits, what))
             bad = {t: r for t, (_, r) in outcome.items() if r is not None}

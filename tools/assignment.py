@@ -34,27 +34,32 @@ METHODS = ["baseline", "dml", "one", "okddip", "pcl", "ffsd"]
 BEGIN = re.compile(r"^(\s*)# ===== BEGIN ALGO: (.+?)(?: -- (.+?))? =====\s*$")
 END = re.compile(r"^(\s*)# ===== END ALGO =====\s*$")
 WIDTH = 100
+# What train_step returns, in every method's contract.
+LOGS = "a non-empty dict of 0-d tensors with 'loss', which fit averages and prints"
 # What the grading tests read besides the function signatures: a correct solution must use these names.
 CONTRACT = {
     "baseline": ["baseline_loss returns (loss, logs), logs = exactly {'loss', 'ce'}.",
+                 f"train_step returns baseline_loss's logs ({LOGS}).",
                  "evaluate returns {'net': logits}."],
     "dml": ["dml_loss returns (L, logs); logs has 'loss', 'ce/peer<k>' and 'kd/peer<k>' for k = 1..K "
             "(kd/peer<k> = network k's KD term, already averaged over its K - 1 peers).",
+            f"train_step returns dml_loss's logs ({LOGS}).",
             "train_step follows --update (run.args.update): 'joint' = one step of all networks, "
             "'sequential' = the paper's Algorithm 1.",
             "evaluate returns 'peer1'..'peerK' and 'ensemble' (logits)."],
     "one": ["one_loss returns (loss, logs); logs has 'loss', 'ce/branch<i>', 'kd/branch<i>' "
             "(i = 1..m, unweighted), 'ce/one_e' and 'w' (the weight it was given).",
-            "train_step returns one_loss's logs (the grader reads 'w').",
+            f"train_step returns one_loss's logs ({LOGS}; the grader reads 'w').",
             "evaluate returns 'branch1'..'branchm', 'one_e' and 'ensemble' (logits)."],
     "okddip": ["okddip_loss returns (loss, logs); logs has 'loss', 'ce/peer<a>', 'kd/peer<a>' "
                "(a = 1..m, unweighted), 'ce/leader', 'kd/leader' and 'w' (the weight it was given).",
-               "train_step returns okddip_loss's logs (the grader reads 'w').",
+               f"train_step returns okddip_loss's logs ({LOGS}; the grader reads 'w').",
                "--exclude-self (self.exclude_self in attention): peer a gets weight 0 in its own "
                "target t_a; every row of A still sums to 1.",
                "evaluate returns 'peer1'..'peerm', 'ensemble' and 'leader' (logits)."],
     "pcl": ["pcl_loss returns (L, logs); logs has 'loss', 'ce/ens', 'ce/peers', 'kd/ens', 'kd/mean' "
-            "(unweighted sums over the peers); train_step calls pcl_loss once per step.",
+            "(unweighted sums over the peers); train_step calls pcl_loss once per step and returns "
+            f"its logs ({LOGS}).",
             "--ema-per-epoch (run.args.ema_per_epoch): one temporal-mean update at the last step of "
             "each epoch (step + 1 = a multiple of run.steps_per_epoch) with phi(epoch), none "
             "inside the epoch.",
@@ -64,7 +69,7 @@ CONTRACT = {
              "'div/student<k+1>', 'sd/student<k+1>' (student 1 logs only the first two).",
              "leader_loss logs 'ce/leader', 'kd/leader', 'fmap/leader', 'recon/leader', 'sd/leader'; "
              "sd_fit_loss logs 'sdfit/<network>'; every logged term carries its weight.",
-             "train_step returns ffsd_loss's logs, including 'loss'.",
+             f"train_step returns ffsd_loss's logs ({LOGS}).",
              "evaluate returns 'student1'..'studentM', 'ensemble', 'fusion' and 'leader' (logits)."],
 }
 
@@ -205,6 +210,12 @@ def _flatten(suite):
         yield from (_flatten(t) if isinstance(t, unittest.TestSuite) else [t])
 
 
+def _property(test):
+    """What a grading test checks: its docstring's first paragraph, on one line."""
+    doc = getattr(type(test), test._testMethodName).__doc__ or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
 def grade(method, path, only=None):
     """Run tests/grade/test_<method>.py (or the tests named in `only`, e.g. "TestLoss.test_total")
     against the file at `path`. Returns {test name: (what it checks, None if it passed or the
@@ -226,7 +237,7 @@ def grade(method, path, only=None):
         suite = unittest.defaultTestLoader.loadTestsFromModule(tests)
         if only is not None:
             suite = unittest.TestSuite(t for t in _flatten(suite) if t.id().split(".", 1)[1] in only)
-        cases = [(t.id(), t.shortDescription() or "") for t in _flatten(suite)]  # before the run
+        cases = [(t.id(), _property(t)) for t in _flatten(suite)]  # before the run
         result = unittest.TestResult()
         suite.run(result)
     finally:
@@ -245,7 +256,8 @@ def report(method, path, outcome, verbose=False):
         if reason is None:
             print(f"  ok    {name}")
             continue
-        print(f"  FAIL  {name}" + (f": {doc}" if doc else ""))
+        print(textwrap.fill(f"FAIL  {name}" + (f": {doc}" if doc else ""), WIDTH, initial_indent="  ",
+                            subsequent_indent="        "))
         short = verbose or reason.startswith("NotImplementedError") or len(reason) <= 300
         print(textwrap.fill(reason if short else reason[:297] + "...", WIDTH,
                             initial_indent="        ", subsequent_indent="        "))

@@ -8,7 +8,7 @@ import unittest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, np_ce  # noqa: E402
+from helpers import fake_run, np_ce, step_logs  # noqa: E402
 import baseline  # noqa: E402  (the grader puts the student's file here)
 
 Z, Y = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]]), torch.tensor([0, 1])
@@ -22,7 +22,8 @@ class TestBaseline(unittest.TestCase):
         self.assertEqual(set(logs), {"loss", "ce"})
 
     def test_train_step_takes_one_sgd_step(self):
-        """train_step returns the loss of the batch before the step and changes the weights."""
+        """train_step returns baseline_loss's logs (a dict of 0-d tensors: the loss of the batch
+        before the step) and changes the weights."""
         args = baseline.Args(arch="resnet8", batch_size=16, device="cpu")
         run = fake_run(args, 16)
         x, y = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std, run.data.train_y
@@ -30,7 +31,7 @@ class TestBaseline(unittest.TestCase):
         net = baseline.build_model(args, 10)
         before = [p.detach().clone() for p in net.parameters()]
         expected = baseline.baseline_loss(net(x), y, args)[0].item()  # train mode: batch statistics
-        logs = baseline.train_step(net, baseline.build_optimizers(net, args), x, y, 0, 0, run)
+        logs = step_logs(baseline.train_step(net, baseline.build_optimizers(net, args), x, y, 0, 0, run))
         self.assertAlmostEqual(logs["loss"].item(), expected, places=5)
         self.assertTrue(all(not torch.equal(p, q) for p, q in zip(net.parameters(), before)))
 

@@ -12,11 +12,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, fixed_outputs, graded, np_ce, np_kd, npy, rand  # noqa: E402
+from helpers import fake_run, fixed_outputs, graded, np_ce, np_kd, npy, rand, step_logs  # noqa: E402
 from helpers import np_att, np_dist, np_dist_att, np_div_target, np_leader_terms  # noqa: E402
 import ffsd  # noqa: E402  (the grader puts the student's file here)
 
-ARGS = ffsd.Args(temperature=2.0, lambda_div=0.5, lambda_fusion=3.0, lambda_sd=7.0)
+T = 4.0  # every loss test runs at non-default flags: a hard-coded T or lambda fails
+ARGS = ffsd.Args(temperature=T, lambda_div=0.5, lambda_fusion=3.0, lambda_sd=7.0)
 Y = torch.tensor([0, 3, 1])
 
 
@@ -43,14 +44,16 @@ class TestParts(unittest.TestCase):
 
 class TestLosses(unittest.TestCase):
     def test_student_0(self):
-        """Student 1 (k = 0): CE + T^2 KL from the other student only; no diversity, no SD term."""
+        """Student 1 (k = 0): CE + T^2 KL from the other student only (at --temperature 4, not the
+        default 2); no diversity, no SD term."""
         out = fixed_outputs()
         z = npy(out["z"])
         loss, logs = ffsd.student_loss(out, Y, 0, ARGS, 0.3)
         logs = graded(logs, "student_loss")
         self.assertEqual(set(logs), {"ce/student1", "kd/student1"}, "student 1's logs")
-        self.assertAlmostEqual(logs["kd/student1"].item(), np_kd(z[0], z[1], 2.0), places=5)
-        expected = np_ce(z[0], Y.numpy()) + np_kd(z[0], z[1], 2.0)
+        self.assertAlmostEqual(logs["kd/student1"].item(), np_kd(z[0], z[1], T), places=5,
+                               msg="kd/student1 at T = 4 (args.temperature)")
+        expected = np_ce(z[0], Y.numpy()) + np_kd(z[0], z[1], T)
         self.assertAlmostEqual(loss.item(), expected, places=5)
 
     def test_student_1(self):
@@ -66,7 +69,7 @@ class TestLosses(unittest.TestCase):
         sd = 0.5 * w * sum(np_dist_att(f, g) for f, g in shallow)
         self.assertAlmostEqual(logs["div/student2"].item(), div, delta=1e-6 * div, msg="div")
         self.assertAlmostEqual(logs["sd/student2"].item(), sd, places=7, msg="sd/student2")
-        expected = np_ce(z[1], Y.numpy()) + np_kd(z[1], z[0], 2.0) + div + sd
+        expected = np_ce(z[1], Y.numpy()) + np_kd(z[1], z[0], T) + div + sd
         self.assertAlmostEqual(loss.item(), expected, delta=1e-5 * expected)
 
     def test_mutual_kl_is_a_mean_over_the_other_students(self):
@@ -74,23 +77,24 @@ class TestLosses(unittest.TestCase):
         out = fixed_outputs(M=3)
         z = npy(out["z"])
         logs = graded(ffsd.student_loss(out, Y, 2, ARGS, 1.0)[1], "student_loss")
-        expected = (np_kd(z[2], z[0], 2.0) + np_kd(z[2], z[1], 2.0)) / 2
+        expected = (np_kd(z[2], z[0], T) + np_kd(z[2], z[1], T)) / 2
         self.assertAlmostEqual(logs["kd/student3"].item(), expected, places=5)
 
     def test_fusion(self):
-        """Fusion: CE(z_f) + KD from the mean of the students' logits."""
+        """Fusion: CE(z_f) + KD from the mean of the students' logits (at --temperature 4)."""
         out = fixed_outputs()
         loss, _ = ffsd.fusion_loss(out, Y, ARGS)
         z_f = npy(out["z_f"])
-        expected = np_ce(z_f, Y.numpy()) + np_kd(z_f, npy(out["z"]).mean(0), 2.0)
+        expected = np_ce(z_f, Y.numpy()) + np_kd(z_f, npy(out["z"]).mean(0), T)
         self.assertAlmostEqual(loss.item(), expected, places=5)
 
     def test_leader(self):
-        """Leader: CE + KD(z_f) + lambda_fusion w (fused-map mimicry, reconstruction, SD)."""
+        """Leader: CE + KD(z_f) (at --temperature 4) + lambda_fusion w (fused-map mimicry,
+        reconstruction, SD)."""
         out, w = fixed_outputs(), 0.5
         loss, logs = ffsd.leader_loss(out, Y, ARGS, w)
         logs = graded(logs, "leader_loss")
-        expect = np_leader_terms(out, Y.numpy(), 3.0 * w, 2.0)
+        expect = np_leader_terms(out, Y.numpy(), 3.0 * w, T)
         for k, v in expect.items():
             self.assertAlmostEqual(logs[k].item(), v, places=5, msg=k)
         self.assertAlmostEqual(loss.item(), sum(expect.values()), places=4)
@@ -144,21 +148,23 @@ class TestModel(unittest.TestCase):
                     self.assertTrue(untouched, f"{name} must not reach {group}")
 
     def test_train_step_updates_every_part(self):
-        """One train_step at epoch 0 logs ffsd_loss's terms with the warm-up factor of epoch 1
-        (exp(-5 (1 - 1/5)^2) = 0.041 on every lambda) and changes every parameter."""
-        args = ffsd.Args(arch="resnet8", batch_size=16)
+        """One train_step at epoch 0 returns ffsd_loss's logs, with the warm-up factor of epoch 1 at
+        --warmup-epochs 2 (not the default 5): exp(-5 (1 - 1/2)^2) = 0.287 on every lambda, and changes
+        every parameter."""
+        args = ffsd.Args(arch="resnet8", batch_size=16, warmup_epochs=2)
         run = fake_run(args, 16)
         torch.manual_seed(0)
         model = ffsd.build_model(args, 10)
         opts = ffsd.build_optimizers(model, args)
         before = {k: v.clone() for k, v in model.named_parameters()}
         x = (run.data.train_x.float() / 255 - run.data.mean) / run.data.std
-        _, want = ffsd.ffsd_loss(copy.deepcopy(model)(x), run.data.train_y, args, math.exp(-5 * 0.8 ** 2))
-        logs = graded(ffsd.train_step(model, opts, x, run.data.train_y, 0, 0, run), "train_step")
+        _, want = ffsd.ffsd_loss(copy.deepcopy(model)(x), run.data.train_y, args, math.exp(-5 * 0.5 ** 2))
+        logs = step_logs(ffsd.train_step(model, opts, x, run.data.train_y, 0, 0, run))
         self.assertTrue(all(math.isfinite(v.item()) for v in logs.values()))
         for name in ("div/student2", "fmap/leader", "sdfit/leader", "loss"):
             self.assertAlmostEqual(logs[name].item(), want[name].item(), delta=1e-5 * abs(want[name].item()),
-                                   msg=f"{name}: train_step must weight the lambdas by the warm-up w(epoch + 1)")
+                                   msg=f"{name}: train_step must weight the lambdas by the warm-up "
+                                   f"w(epoch + 1) of length --warmup-epochs")
         for name, p in model.named_parameters():
             self.assertFalse(torch.equal(p, before[name]), f"{name} was not updated")
 

@@ -46,16 +46,18 @@ class TestLoss(unittest.TestCase):
         np.testing.assert_allclose(t.numpy(), targets_by_hand(), rtol=1e-6, atol=1e-6)
 
     def test_terms_by_hand(self):
-        """ce/peer<a>, kd/peer<a> (T = 3, x T^2, from t_a), ce/leader, kd/leader (from the mean)."""
+        """ce/peer<a>, kd/peer<a> (at --temperature 2, not the default 3; x T^2; from t_a),
+        ce/leader, kd/leader (from the mean)."""
         _, logs = okddip.okddip_loss(torch.tensor(Z), torch.tensor(A), torch.tensor(Y), 0.7,
-                                     okddip.Args())
+                                     okddip.Args(temperature=2.0))
         logs, t = graded(logs, "okddip_loss"), targets_by_hand()
         for a in range(3):
             ce, kd = logs[f"ce/peer{a + 1}"].item(), logs[f"kd/peer{a + 1}"].item()
             self.assertAlmostEqual(ce, np_ce(Z[a], Y), places=5, msg=f"ce/peer{a + 1}")
-            self.assertAlmostEqual(kd, np_kd(Z[a], t[a], 3.0), places=5, msg=f"kd/peer{a + 1}")
+            self.assertAlmostEqual(kd, np_kd(Z[a], t[a], 2.0), places=5,
+                                   msg=f"kd/peer{a + 1} at T = 2 (args.temperature)")
         self.assertAlmostEqual(logs["ce/leader"].item(), np_ce(Z[3], Y), places=5, msg="ce/leader")
-        self.assertAlmostEqual(logs["kd/leader"].item(), np_kd(Z[3], Z[:3].mean(0), 3.0), places=5,
+        self.assertAlmostEqual(logs["kd/leader"].item(), np_kd(Z[3], Z[:3].mean(0), 2.0), places=5,
                                msg="kd/leader: target = mean of the peers' logits")
 
     def test_total(self):
@@ -118,8 +120,9 @@ class TestAttention(unittest.TestCase):
 
 class TestTrainStep(unittest.TestCase):
     def test_one_w_per_epoch_and_a_step(self):
-        """w(e) from the epoch (same at every step, both levels); the step changes the weights."""
-        args = okddip.Args(arch="resnet8", batch_size=16, device="cpu")
+        """w(e) from the epoch at --rampup-epochs 20 (not the default 80), the same at every step, both
+        levels; the step changes the weights; train_step returns okddip_loss's logs."""
+        args = okddip.Args(arch="resnet8", batch_size=16, device="cpu", rampup_epochs=20)
         assert_ramp_and_step(self, okddip, args, model())
 
 

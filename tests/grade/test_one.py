@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import assert_ramp_and_step, batch, graded, np_ce, np_kd, np_softmax  # noqa: E402
+from helpers import assert_ramp_and_step, batch, graded, np_ce, np_kd, np_softmax, step_logs  # noqa: E402
 import common  # noqa: E402
 import one  # noqa: E402  (the grader puts the student's file here)
 
@@ -31,14 +31,16 @@ def model(m=3, arch="resnet8", classes=10):
 
 class TestLoss(unittest.TestCase):
     def test_terms_by_hand(self):
-        """ce/branch<i>, kd/branch<i> (T = 3, x T^2), ce/one_e and w, against a hand computation."""
-        _, logs = one.one_loss(torch.tensor(Z), torch.tensor(Z_E), torch.tensor(Y), 0.3, one.Args())
+        """ce/branch<i>, kd/branch<i> (at --temperature 2, not the default 3; x T^2), ce/one_e and
+        w, against a hand computation."""
+        args = one.Args(temperature=2.0)
+        _, logs = one.one_loss(torch.tensor(Z), torch.tensor(Z_E), torch.tensor(Y), 0.3, args)
         logs = graded(logs, "one_loss")
         for i in range(3):
             ce, kd = logs[f"ce/branch{i + 1}"].item(), logs[f"kd/branch{i + 1}"].item()
             self.assertAlmostEqual(ce, np_ce(Z[i], Y), places=5, msg=f"ce/branch{i + 1}")
-            self.assertAlmostEqual(kd, np_kd(Z[i], Z_E, 3.0), places=5,
-                                   msg=f"kd/branch{i + 1}")
+            self.assertAlmostEqual(kd, np_kd(Z[i], Z_E, 2.0), places=5,
+                                   msg=f"kd/branch{i + 1} at T = 2 (args.temperature)")
         self.assertAlmostEqual(logs["ce/one_e"].item(), np_ce(Z_E, Y), places=5, msg="ce/one_e")
         self.assertAlmostEqual(logs["w"].item(), 0.3, places=6, msg="w")
 
@@ -96,11 +98,12 @@ class TestModel(unittest.TestCase):
 
 class TestTrainStep(unittest.TestCase):
     def test_one_w_per_epoch_and_a_step(self):
-        """w(e) = exp(-5 (1 - e/80)^2) from the epoch, the same at every step; a step is taken."""
-        args = one.Args(arch="resnet8", num_branches=2, batch_size=16, device="cpu")
+        """w(e) = exp(-5 (1 - e/L)^2) from the epoch, at --rampup-epochs L = 20 (not the default
+        80), the same at every step; a step is taken; train_step returns one_loss's logs."""
+        args = one.Args(arch="resnet8", num_branches=2, batch_size=16, device="cpu", rampup_epochs=20)
         net = model(m=2)
         run, opt, x, y = assert_ramp_and_step(self, one, args, net)
-        logs = graded(one.train_step(net, opt, x, y, epoch=0, step=0, run=run), "train_step")
+        logs = step_logs(one.train_step(net, opt, x, y, epoch=0, step=0, run=run))
         self.assertAlmostEqual(logs["w"].item(), math.exp(-5), places=6, msg="w(0)")
 
 

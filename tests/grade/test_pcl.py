@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, graded, np_ce, np_kd  # noqa: E402
+from helpers import fake_run, graded, np_ce, np_kd, step_logs  # noqa: E402
 import common  # noqa: E402
 import pcl  # noqa: E402  (the grader puts the student's file here)
 
@@ -24,29 +24,34 @@ MEAN = torch.randn(3, 2, 4, generator=G) * 2  # temporal-mean peers (m, B, C)
 Y = torch.tensor([1, 3])
 
 
-def terms_by_hand(T=3.0):
-    z, ze, zm, y = LOGITS.double().numpy(), ENS.double().numpy(), MEAN.double().numpy(), Y.numpy()
-    return {"ce/ens": np_ce(ze, y), "ce/peers": sum(np_ce(z[j], y) for j in range(3)),
-            "kd/ens": sum(np_kd(z[j], ze, T) for j in range(3)),
-            "kd/mean": sum(np_kd(z[j], zm[k], T) / 2 for j in range(3) for k in range(3) if k != j)}
+def terms_by_hand(T=3.0, m=3):
+    """The logged terms for the first m peers of LOGITS and MEAN, by numpy."""
+    z, ze, zm, y = LOGITS[:m].double().numpy(), ENS.double().numpy(), MEAN[:m].double().numpy(), Y.numpy()
+    return {"ce/ens": np_ce(ze, y), "ce/peers": sum(np_ce(z[j], y) for j in range(m)),
+            "kd/ens": sum(np_kd(z[j], ze, T) for j in range(m)),
+            "kd/mean": sum(np_kd(z[j], zm[k], T) / (m - 1) for j in range(m) for k in range(m) if k != j)}
 
 
 def ready_to_step(**changes):
-    """A resnet8 PCL model in train mode, its optimisers, a 32-image run and a batch of 3 views."""
+    """A resnet8 PCL model in train mode, its optimisers, a 16-image run (2 steps per epoch) and a
+    batch of 3 views of 8 images."""
     torch.manual_seed(0)
-    args = pcl.Args(arch="resnet8", device="cpu", batch_size=16, **changes)
+    args = pcl.Args(arch="resnet8", device="cpu", batch_size=8, **changes)
     model = pcl.build_model(args, 10).train()
-    run = fake_run(args, 32)
+    run = fake_run(args, 16)
     x, y = next(iter(common.train_batches(run, torch.Generator().manual_seed(0), views=3)))
     return args, model, run, pcl.build_optimizers(model, args), x, y
 
 
 class TestLoss(unittest.TestCase):
     def test_terms_by_hand(self):
-        """ce/ens, ce/peers, kd/ens, kd/mean (T = 3, x T^2; sums over the peers), by hand."""
-        logs = graded(pcl.pcl_loss(LOGITS, ENS, MEAN, Y, 0.287, pcl.Args())[1], "pcl_loss")
-        for name, value in terms_by_hand().items():
-            self.assertAlmostEqual(logs[name].item(), value, places=4, msg=name)
+        """ce/ens, ce/peers, kd/ens, kd/mean (x T^2; sums over the peers), by hand, with m = 3 and 2
+        peers at --temperature 2 (not the default 3)."""
+        for m in (3, 2):
+            logs = pcl.pcl_loss(LOGITS[:m], ENS, MEAN[:m], Y, 0.287, pcl.Args(temperature=2.0))[1]
+            for name, value in terms_by_hand(2.0, m).items():
+                self.assertAlmostEqual(graded(logs, "pcl_loss")[name].item(), value, places=4,
+                                       msg=f"{name}, m = {m} peers, T = 2 (args.temperature)")
 
     def test_total(self):
         """L = CE(z_e) + sum_j [CE(z_j) + w (L_pe,j + L_pm,j)]: sums over the peers, not means."""
@@ -79,11 +84,14 @@ class TestLoss(unittest.TestCase):
 
 class TestTemporalMean(unittest.TestCase):
     def test_phi_schedule(self):
-        """phi(g) = min(1 - 1/(g+1), beta): 0, 0.5, 0.9 at g = 0, 1, 9; beta from g = 999 on."""
+        """phi(g) = min(1 - 1/(g+1), beta): 0, 0.5, 0.9 at g = 0, 1, 9; beta from g = 999 on (beta =
+        0.999), from g = 9 on with beta = 0.9 (--ema-decay)."""
         self.assertEqual([pcl.ema_decay(g, 0.999) for g in (0, 1)], [0.0, 0.5])
         self.assertAlmostEqual(pcl.ema_decay(9, 0.999), 0.9, places=12)
         self.assertLess(pcl.ema_decay(998, 0.999), 0.999)
         self.assertEqual([pcl.ema_decay(g, 0.999) for g in (999, 5000)], [0.999, 0.999])
+        self.assertAlmostEqual(pcl.ema_decay(5, 0.9), 5 / 6, places=12, msg="phi(5), beta = 0.9")
+        self.assertEqual([pcl.ema_decay(g, 0.9) for g in (50, 5000)], [0.9, 0.9], "phi(g) <= beta = 0.9")
 
     def test_update_formula(self):
         """theta' <- phi theta' + (1 - phi) theta, every parameter; BN buffers, student kept."""
@@ -120,11 +128,26 @@ class TestModel(unittest.TestCase):
         """CE(z_e) trains all student parameters but the peers' classifiers (features kept)."""
         _, model, _, _, x, y = ready_to_step()
         logits, ens = model.student(x)
-        self.assertEqual((tuple(logits.shape), tuple(ens.shape)), ((3, 16, 10), (16, 10)))
+        self.assertEqual((tuple(logits.shape), tuple(ens.shape)), ((3, 8, 10), (8, 10)))
         params = list(model.student.parameters())
         grads = torch.autograd.grad(F.cross_entropy(ens, y), params, allow_unused=True)
         reached = sum(g is not None and bool(g.any()) for g in grads)
         self.assertEqual(reached, len(params) - 2 * 3, "CE(z_e) must reach trunk and peers")
+
+    def test_ensemble_teacher_per_image(self):
+        """z_e of image b = head([h_1(b), ..., h_m(b)]): the head on THAT image's peer features,
+        concatenated in peer order (eval mode); no image's z_e depends on another image."""
+        _, model, *_ = ready_to_step()
+        student = model.student.eval()  # BN on running statistics: the images are independent
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+        with torch.no_grad():
+            _, ens = student(x)
+            _, feats, _ = student.peers(x)  # (m, B, D)
+            for b in range(4):
+                want = student.head(torch.cat([feats[j, b] for j in range(3)]))
+                torch.testing.assert_close(ens[b], want, atol=1e-5, rtol=1e-5,
+                                           msg=f"z_e of image {b + 1} is not head([h_1, h_2, h_3]) "
+                                               f"of image {b + 1}: are images mixed across the batch?")
 
 
 class TestTrainStep(unittest.TestCase):
@@ -145,6 +168,29 @@ class TestTrainStep(unittest.TestCase):
         for new, old, theta in triples:
             torch.testing.assert_close(new, 5 / 6 * old + 1 / 6 * theta, atol=1e-6, rtol=1e-6)
 
+    def test_phi_capped_by_ema_decay(self):
+        """At step g = 50 with --ema-decay 0.9: phi = min(50/51, 0.9) = 0.9, not 50/51."""
+        args, model, run, opts, x, y = ready_to_step(ema_decay=0.9)
+        old = [p.clone() for p in model.mean.parameters()]
+        pcl.train_step(model, opts, x, y, epoch=0, step=50, run=run)
+        for new, o, theta in zip(model.mean.parameters(), old, model.student.parameters()):
+            torch.testing.assert_close(new, 0.9 * o + 0.1 * theta, atol=1e-6, rtol=1e-6,
+                                       msg="phi(50) with --ema-decay 0.9 (run.args.ema_decay)")
+
+    def test_returns_the_loss_logs(self):
+        """train_step returns pcl_loss's logs (a dict of 0-d tensors with 'loss', which fit
+        averages over the epoch and prints)."""
+        args, model, run, opts, x, y = ready_to_step()
+        seen, real = {}, pcl.pcl_loss
+
+        def spy(*a):
+            loss, logs = real(*a)
+            seen.update(logs)
+            return loss, logs
+        with mock.patch.object(pcl, "pcl_loss", spy):
+            logs = step_logs(pcl.train_step(model, opts, x, y, epoch=0, step=0, run=run))
+        self.assertEqual(sorted(logs), sorted(seen), "train_step must return pcl_loss's logs")
+
     def test_mean_teacher_gets_no_gradient(self):
         """Only the student's parameters are optimised; the temporal mean never gets a gradient."""
         args, model, run, opts, x, y = ready_to_step()
@@ -155,9 +201,11 @@ class TestTrainStep(unittest.TestCase):
         self.assertTrue(all(p.grad is None and not p.requires_grad for p in mean))
 
     def test_peer_j_and_mean_peer_k_see_their_own_view(self):
-        """pcl_loss gets peer j and temporal-mean peer j, each on view x_j."""
+        """pcl_loss gets peer j and temporal-mean peer j, each on view x_j (the mean model's BN
+        mode is another test's)."""
         args, model, run, opts, x, y = ready_to_step()
         before, seen, real = copy.deepcopy(model), {}, pcl.pcl_loss
+        in_eval = copy.deepcopy(model.mean).eval()
 
         def spy(logits, ens, mean_logits, *rest):
             seen.update(logits=logits.detach().clone(), mean=mean_logits.detach().clone())
@@ -169,35 +217,55 @@ class TestTrainStep(unittest.TestCase):
                 peer, mean_peer = before.student.peers.single(j), before.mean.peers.single(j)
                 torch.testing.assert_close(seen["logits"][j], peer(x[j]), atol=1e-5, rtol=0,
                                            msg=f"peer {j + 1} on view {j + 1}")
-                torch.testing.assert_close(seen["mean"][j], mean_peer(x[j]), atol=1e-5, rtol=0,
-                                           msg=f"temporal-mean peer {j + 1} on view {j + 1}")
+                either = [mean_peer(x[j]), in_eval.peers.single(j)(x[j])]  # train or eval mode
+                self.assertTrue(any(torch.allclose(seen["mean"][j], t, atol=1e-5, rtol=0) for t in either),
+                                f"temporal-mean peer {j + 1} on view {j + 1}")
+
+    def test_mean_teacher_in_train_mode(self):
+        """The temporal mean produces its targets in train mode (batch statistics), as fit leaves
+        it, not in eval mode."""
+        args, model, run, opts, x, y = ready_to_step()
+        before, seen, real = copy.deepcopy(model), {}, pcl.pcl_loss
+
+        def spy(logits, ens, mean_logits, *rest):
+            seen.update(mean=mean_logits.detach().clone())
+            return real(logits, ens, mean_logits, *rest)
+        with mock.patch.object(pcl, "pcl_loss", spy):
+            pcl.train_step(model, opts, x, y, epoch=0, step=0, run=run)
+        with torch.no_grad():
+            train_mode = before.mean(x)[0]  # (m, B, C), batch statistics
+        torch.testing.assert_close(seen["mean"], train_mode, atol=1e-5, rtol=0,
+                                   msg="the temporal mean must produce its targets in train mode "
+                                       "(batch statistics), not eval mode")
 
     def test_rampup_weight_from_the_epoch(self):
-        """train_step hands pcl_loss w(e) = exp(-5 (1 - e/80)^2) of the 0-based EPOCH e, the same at
-        every step of that epoch (not a function of the global step)."""
-        args, model, run, opts, x, y = ready_to_step()
+        """train_step hands pcl_loss w(e) = exp(-5 (1 - e/L)^2) of the 0-based EPOCH e, the same at
+        every step of that epoch (not a function of the global step), at --rampup-epochs L = 40 (not
+        the default 80)."""
+        args, model, run, opts, x, y = ready_to_step(rampup_epochs=40)
         seen, real = [], pcl.pcl_loss
 
         def spy(logits, ens, mean_logits, y, w, *rest):
             seen.append(float(w))
             return real(logits, ens, mean_logits, y, w, *rest)
         with mock.patch.object(pcl, "pcl_loss", spy):
-            for epoch, step in ((0, 0), (40, 80), (40, 97), (80, 160)):
+            for epoch, step in ((0, 0), (20, 80), (20, 97), (40, 160)):
                 pcl.train_step(model, opts, x, y, epoch=epoch, step=step, run=run)
         want = [math.exp(-5), math.exp(-5 / 4), math.exp(-5 / 4), 1.0]
         self.assertEqual(len(seen), 4, "train_step must call pcl_loss once")
-        for got, w, at in zip(seen, want, ("w(0)", "w(40) at step 80", "w(40) at step 97", "w(80)")):
+        for got, w, at in zip(seen, want, ("w(0)", "w(20) at step 80", "w(20) at step 97", "w(40)")):
             self.assertAlmostEqual(got, w, places=6, msg=at)
 
     def test_ema_per_epoch(self):
-        """--ema-per-epoch: no update inside the epoch; at its last step phi = phi(epoch)."""
-        args, model, run, opts, x, y = ready_to_step(ema_per_epoch=True)  # 2 steps per epoch
+        """--ema-per-epoch: no update inside the epoch; at its last step phi = phi(epoch), here
+        phi(3) = min(0.75, 0.7) with --ema-decay 0.7."""
+        args, model, run, opts, x, y = ready_to_step(ema_per_epoch=True, ema_decay=0.7)  # 2 steps/epoch
         old = [p.clone() for p in model.mean.parameters()]
         pcl.train_step(model, opts, x, y, epoch=3, step=6, run=run)
         self.assertTrue(all(torch.equal(a, b) for a, b in zip(model.mean.parameters(), old)))
         pcl.train_step(model, opts, x, y, epoch=3, step=7, run=run)
         for new, o, theta in zip(model.mean.parameters(), old, model.student.parameters()):
-            torch.testing.assert_close(new, 0.75 * o + 0.25 * theta, atol=1e-6, rtol=1e-6)
+            torch.testing.assert_close(new, 0.7 * o + 0.3 * theta, atol=1e-6, rtol=1e-6)
 
 
 class TestEvaluate(unittest.TestCase):
