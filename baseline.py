@@ -11,7 +11,7 @@ Differences from baseline.py:
 
 Run:
     python baseline.py --arch resnet32 --dataset cifar10                      # shared recipe, GPU
-    python baseline.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
+    python baseline.py --arch resnet8 --dataset fake --epochs 3 --subset 512 --test-subset 200 --device cpu
 Published (error %, PCL Tables 1-2, ResNet-32): 6.74 +- 0.15 (CIFAR-10), 28.72 +- 0.19 (CIFAR-100).
 """
 # ===== 1. Imports =====

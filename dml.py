@@ -27,7 +27,7 @@ reflect padding: --pad-mode reflect); the repository's 300-epoch recipe instead 
 
 Run:
     python dml.py --arch resnet32 --dataset cifar10                      # GPU
-    python dml.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
+    python dml.py --arch resnet8 --dataset fake --epochs 3 --subset 512 --test-subset 200 --device cpu
 Published: CIFAR-100 ResNet-32 pair 71.19 / 70.75 % (DML paper Table 2, unverified recollection);
 PCL Table 1-2 DML column (error %): 6.06 +- 0.07 (CIFAR-10), 26.32 +- 0.14 (CIFAR-100), T and K not stated.
 """

@@ -33,7 +33,7 @@ is negligible). --exclude-self (off by default) masks a peer out of its own targ
 
 Run:
     python okddip.py --arch resnet32 --dataset cifar100                     # GPU
-    python okddip.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
+    python okddip.py --arch resnet8 --dataset fake --epochs 3 --subset 512 --test-subset 200 --device cpu
 Published (error %, ResNet-32, CIFAR-100, branch-based): 25.65 +- 0.15 (OKDDip Table 2, quoted by its author,
 unverified); PCL Tables 1-2 OKDDip column: 5.83 +- 0.15 (CIFAR-10), 26.75 +- 0.38 (CIFAR-100).
 """

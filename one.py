@@ -35,7 +35,7 @@ both data sets).
 
 Run:
     python one.py --arch resnet32 --dataset cifar100                     # GPU
-    python one.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
+    python one.py --arch resnet8 --dataset fake --epochs 3 --subset 512 --test-subset 200 --device cpu
 Published (error %, ResNet-32): 5.99 (CIFAR-10), 26.61 (CIFAR-100) in the ONE paper (unverified;
 FFSD Table II quotes ONE ResNet-32 CIFAR-100 as 73.39 % accuracy); PCL Tables 1-2 ONE column: 5.80 +- 0.12
 (CIFAR-10), 26.21 +- 0.41 (CIFAR-100).

@@ -38,7 +38,7 @@ every peer is initialised independently (the re-implementation starts all peers'
 
 Run:
     python pcl.py --arch resnet32 --dataset cifar100        # the re-implementation's recipe, GPU
-    python pcl.py --arch resnet8 --dataset fake --epochs 3 --device cpu  # tiny CPU check
+    python pcl.py --arch resnet8 --dataset fake --epochs 3 --subset 512 --test-subset 200 --device cpu
 Published (error %, PCL Tables 1-2, temporal-mean peer 1, ResNet-32): 5.67 +- 0.12 (CIFAR-10),
 25.86 +- 0.16 (CIFAR-100).
 """
