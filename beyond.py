@@ -225,7 +225,7 @@ def shared_batches(run, gen, views):
     for s in starts:
         idx, (lo, hi) = perm[s:s + bs], _share(s, N, bs)
         # Augment the whole global batch (one process's draws), keep this share.
-        xb = [run.layout(common.augment(data.train_x[idx], data, gen, run.args.pad_mode)[lo - s:hi - s])
+        xb = [run.layout(common.train_view(data.train_x[idx], data, gen, run.args)[lo - s:hi - s])
               for _ in range(views)]
         yield (xb[0] if views == 1 else xb), data.train_y[perm[lo:hi]]
 
@@ -432,6 +432,8 @@ class BeyondRun(common.Run):
 def load_data(args, device):
     """A streamed folder's StreamData, or common.load_data's in-memory Data."""
     if args.dataset == "folder" and common.folder_loader(args) == "stream":
+        if not args.augment:
+            fail("--no-augment: a streamed folder's training images are always random-resized crops")
         return load_stream(args, device)
     return common.load_data(args, device)
 

@@ -82,6 +82,8 @@ class TrainArgs:
     weight_decay: float = arg(5e-4, "SGD weight decay (L2, coupled)")
     pad_mode: str = arg("zero", "random-crop padding (4 pixels): zero (black) or reflect",
                         choices=["zero", "reflect"])
+    augment: bool = arg(True, "random crop and flip of every training image (--no-augment: the "
+                              "images as they are, as PyTorch's distillation tutorial trains)")
     seed: int = arg(0, "random seed (initialisation, batch order, augmentation)")
     device: str = arg("auto", "auto = cuda if available, else mps (Apple silicon), else cpu",
                       choices=["auto", "cpu", "cuda", "mps"])
@@ -829,6 +831,16 @@ def augment(x, data, gen, pad_mode="zero"):
     return (out - data.mean) / data.std
 
 
+def normalise(x, data):
+    """uint8 images -> float, normalised with the training set's per-channel mean and std."""
+    return (x.float() / 255 - data.mean) / data.std
+
+
+def train_view(x, data, gen, args):
+    """One training view of the uint8 batch x: augment(...), or with --no-augment the images as they are."""
+    return augment(x, data, gen, args.pad_mode) if args.augment else normalise(x, data)
+
+
 def train_batches(run, gen, views=1):
     """One epoch of (x, y): shuffled, augmented on the device. x is a tensor, or a list of `views`
     independently augmented copies of the same images (one per peer). A last batch of 1 image is dropped
@@ -837,7 +849,7 @@ def train_batches(run, gen, views=1):
     perm = torch.randperm(len(data.train_y), generator=gen, device=data.train_y.device)
     for s in range(0, len(perm) - bs + 1 if run.drop_last else len(perm) - 1, bs):
         idx = perm[s:s + bs]
-        xb = [run.layout(augment(data.train_x[idx], data, gen, run.args.pad_mode)) for _ in range(views)]
+        xb = [run.layout(train_view(data.train_x[idx], data, gen, run.args)) for _ in range(views)]
         yield (xb[0] if views == 1 else xb), data.train_y[idx]
 
 
@@ -1056,7 +1068,7 @@ def evaluate_all(run, model, evaluate):
     model.eval()
     data, correct, ebs = run.data, {}, run.args.eval_batch_size
     for s in range(0, len(data.test_y), ebs):
-        x = run.layout((data.test_x[s:s + ebs].float() / 255 - data.mean) / data.std)
+        x = run.layout(normalise(data.test_x[s:s + ebs], data))
         y = data.test_y[s:s + ebs]
         with run.autocast():
             outs = evaluate(model, x)

@@ -63,6 +63,19 @@ class TestAugment(unittest.TestCase):
         self.assertFalse(torch.equal(views[0], views[1]))
         self.assertEqual(views[0].shape, (8, 3, 32, 32))
 
+    def test_no_augment_gives_the_images_themselves_in_the_shuffled_order(self):
+        run = fake_run(common.TrainArgs(dataset="fake", device="cpu", batch_size=8, augment=False), n=16)
+        gen = torch.Generator().manual_seed(3)
+        batches = list(common.train_batches(run, gen, views=2))
+        order = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+        d = run.data
+        for k, (views, y) in enumerate(batches):
+            idx = order[8 * k:8 * (k + 1)]
+            expected = (d.train_x[idx].float() / 255 - d.mean) / d.std
+            self.assertTrue(torch.equal(y, d.train_y[idx]))
+            for v in views:  # every view is the same plain image: nothing random but the order
+                torch.testing.assert_close(v, expected, rtol=0, atol=0)
+
     def test_same_generator_state_same_batches(self):
         run = fake_run(common.TrainArgs(dataset="fake", device="cpu", batch_size=8), n=16)
         a = list(common.train_batches(run, torch.Generator().manual_seed(5)))
