@@ -1,10 +1,12 @@
 """Shared test helpers: tiny CPU arguments, temporary output folders, running a script as a user would, a batch of
 random images, and independent numpy / explicit-loop references for softmax, cross-entropy and the KD term."""
+import contextlib
 import math
 import os
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 import numpy as np
 import torch
@@ -67,6 +69,20 @@ class GradedLogs(dict):
 
 def graded(logs, who):
     return GradedLogs(logs, who)
+
+
+@contextlib.contextmanager
+def logs_seen(module, loss_name):
+    """Within the block, every call of module.<loss_name> (a loss returning (loss, logs)) also records
+    its logs into the dict the block receives."""
+    seen, real = {}, getattr(module, loss_name)
+
+    def spy(*a, **kw):
+        loss, logs = real(*a, **kw)
+        seen.update(logs)
+        return loss, logs
+    with mock.patch.object(module, loss_name, spy):
+        yield seen
 
 
 def step_logs(logs, who="train_step"):

@@ -5,14 +5,13 @@ evaluate's names).
 import os
 import sys
 import unittest
-from unittest import mock
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, graded, np_ce, np_kd, step_logs  # noqa: E402
+from helpers import fake_run, graded, logs_seen, np_ce, np_kd, step_logs  # noqa: E402
 import common  # noqa: E402
 import dml  # noqa: E402  (the grader puts the student's file here)
 
@@ -110,13 +109,7 @@ class TestTrainStep(unittest.TestCase):
         """train_step returns dml_loss's logs (a dict of 0-d tensors with 'loss', which fit
         averages over the epoch and prints)."""
         args, run, model, x, y = step_setup("joint")
-        seen, real = {}, dml.dml_loss
-
-        def spy(*a):
-            loss, logs = real(*a)
-            seen.update(logs)
-            return loss, logs
-        with mock.patch.object(dml, "dml_loss", spy):
+        with logs_seen(dml, "dml_loss") as seen:
             logs = step_logs(dml.train_step(model, dml.build_optimizers(model, args), x, y, 0, 0, run))
         self.assertEqual(sorted(logs), sorted(seen), "train_step must return dml_loss's logs")
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, graded, np_ce, np_kd, step_logs  # noqa: E402
+from helpers import fake_run, graded, logs_seen, np_ce, np_kd, step_logs  # noqa: E402
 import common  # noqa: E402
 import pcl  # noqa: E402  (the grader puts the student's file here)
 
@@ -181,13 +181,7 @@ class TestTrainStep(unittest.TestCase):
         """train_step returns pcl_loss's logs (a dict of 0-d tensors with 'loss', which fit
         averages over the epoch and prints)."""
         args, model, run, opts, x, y = ready_to_step()
-        seen, real = {}, pcl.pcl_loss
-
-        def spy(*a):
-            loss, logs = real(*a)
-            seen.update(logs)
-            return loss, logs
-        with mock.patch.object(pcl, "pcl_loss", spy):
+        with logs_seen(pcl, "pcl_loss") as seen:
             logs = step_logs(pcl.train_step(model, opts, x, y, epoch=0, step=0, run=run))
         self.assertEqual(sorted(logs), sorted(seen), "train_step must return pcl_loss's logs")
 
