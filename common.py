@@ -1095,6 +1095,7 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
     args = run.args
     gen = torch.Generator(device=run.device).manual_seed(args.seed)  # batch order and augmentation
     start, history, best = _begin(run, model, optimizers, gen)  # --out, --resume, --compile
+    steps_per_epoch = run.steps_per_epoch
     with _interruptible(run, start) as progress:  # Ctrl-C: keep the last checkpoint, print how to resume
         for epoch in range(start, args.epochs):
             if args.stop_after and epoch - start == args.stop_after:
@@ -1107,11 +1108,11 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
             meter, t0 = LossMeter(), time.perf_counter()
             # x: a batch, or a list of `views` independently augmented copies of it (PCL: one per peer).
             for i, (x, y) in enumerate(run.batches(gen, views)):
-                step = epoch * run.steps_per_epoch + i  # 0-based, counts batches over the whole run
+                step = epoch * steps_per_epoch + i  # 0-based, counts batches over the whole run
                 logs = train_step(model, optimizers, x, y, epoch, step, run)
                 meter.add(logs, len(y), step)
                 if args.log_every and (i + 1) % args.log_every == 0:
-                    print(f"  step {i + 1}/{run.steps_per_epoch} loss {logs['loss'].item():.4f}",
+                    print(f"  step {i + 1}/{steps_per_epoch} loss {logs['loss'].item():.4f}",
                           flush=True)
             _stop_if_not_finite(run, meter, epoch, progress["saved"])
             _sync(run.device)
