@@ -260,13 +260,13 @@ def _stream_batches(run, gen, views, perm, starts):
 @torch.no_grad()
 def evaluate_stream(run, model, evaluate):
     """evaluate_all for a streamed folder: each process scores its contiguous shard of the test
-    split (test transform: center_crop); the correct counts are summed over the processes."""
+    split (test transform: center_crop); the sums (correct counts, internals) are summed over the processes."""
     data, ebs, n = run.data, run.args.eval_batch_size, len(run.data.test_y)
     lo, hi = rank() * n // world(), (rank() + 1) * n // world()
     starts = range(lo, hi, ebs)
     read = lambda s: _submit(data.test_files[s:min(s + ebs, hi)], run.device)
     model.eval()
-    names, correct, pending = None, None, read(starts[0])
+    sums, pending = {}, read(starts[0])
     for k, s in enumerate(starts):
         imgs = _collect(pending, run.device)
         if k + 1 < len(starts):
@@ -275,12 +275,12 @@ def evaluate_stream(run, model, evaluate):
         x, y = run.layout((x / 255 - data.mean) / data.std), data.test_y[s:s + len(imgs)]
         with run.autocast():
             outs = evaluate(model, x)
-        hits = torch.stack([(z.float().argmax(-1) == y).sum() for z in outs.values()])  # (models,)
-        names, correct = list(outs), hits if correct is None else correct + hits
+        sums = {name: sums.get(name, 0) + v for name, v in common.tally(outs, y).items()}
     if world() > 1:
-        dist.all_reduce(correct)
+        for v in sums.values():
+            dist.all_reduce(v)
     model.train()
-    return {name: 100.0 * c / n for name, c in zip(names, correct.tolist())}
+    return common.test_means(sums, n)
 
 
 # =================================================================================================

@@ -1060,26 +1060,45 @@ def setup(args, method):
     return start_run(args, method, pick_device(args.device))
 
 
+def is_internal(name):
+    """evaluate's entries named 'int/...' are a method's internals (ONE's gate, OKDDip's attention, ...):
+    per-sample values (B, ...) averaged over the test set, not logits to score."""
+    return name.startswith("int/")
+
+
+def tally(outs, y):
+    """One test batch's sums: correct predictions per model (logits (B, C)); per internal, its values
+    summed over the batch (float32)."""
+    return {name: v.float().sum(0) if is_internal(name) else (v.float().argmax(-1) == y).sum()
+            for name, v in outs.items()}
+
+
+def test_means(sums, n):
+    """Top-1 accuracy (%) per model; per internal, its mean over the n test images (a float, or a list
+    for a vector, nested lists for a matrix: JSON as metrics.jsonl writes it)."""
+    return {name: (s / n).tolist() if is_internal(name) else 100.0 * s.item() / n for name, s in sums.items()}
+
+
 @torch.no_grad()
 def evaluate_all(run, model, evaluate):
     """Top-1 accuracy (%) of every model the method names: evaluate(model, x) -> {name: logits (B, C)},
-    in eval mode. The forward runs under the training autocast (bf16 on CUDA, as trained); the logits
-    are cast to float32 before the arg-max (the ensembles average float32 logits)."""
+    in eval mode, and the test-set mean of every internal it returns ('int/...': per-sample values).
+    The forward runs under the training autocast (bf16 on CUDA, as trained); the logits are cast to
+    float32 before the arg-max (the ensembles average float32 logits)."""
     model.eval()
-    data, correct, ebs = run.data, {}, run.args.eval_batch_size
+    data, sums, ebs = run.data, {}, run.args.eval_batch_size
     for s in range(0, len(data.test_y), ebs):
         x = run.layout(normalise(data.test_x[s:s + ebs], data))
         y = data.test_y[s:s + ebs]
         with run.autocast():
             outs = evaluate(model, x)
-        for name, logits in outs.items():
-            correct[name] = correct.get(name, 0) + (logits.float().argmax(-1) == y).sum()
+        sums = {name: sums.get(name, 0) + v for name, v in tally(outs, y).items()}
     model.train()
-    return {name: 100.0 * c.item() / len(data.test_y) for name, c in correct.items()}
+    return test_means(sums, len(data.test_y))
 
 
 def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, averages=None, show=(),
-        deployed_net=None):
+        deployed_net=None, gaps=None):
     """The epoch loop every method shares; the method supplies the parts it owns.
 
     model:      nn.Module holding every weight of the method (checkpointed; eval mode while scoring).
@@ -1087,7 +1106,10 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
                 initial LR by lr_factor(epoch).
     train_step(model, optimizers, x, y, epoch, step, run) -> {term: detached scalar tensor}, with 'loss'.
     evaluate(model, x) -> {model name: logits}; `deployed` names the model the method deploys (test_acc).
+                Entries named 'int/...' are the method's internals (per-sample values, averaged over the
+                test set and logged as they are: no 'acc/' prefix).
     averages:   {name: [model names]} extra columns: the mean of those models' accuracies (e.g. 'peer_avg').
+    gaps:       {name: (model a, model b)} internals 'int/<name>' = accuracy of a - accuracy of b (points).
     show:       the loss terms the console row shows besides 'loss' (metrics.jsonl keeps every term).
     deployed_net(model, args) -> the deployed model as a plain backbone; a finished run writes it to
                 deployed.pt. Returns final.json's content (or, after --stop-after, where to resume).
@@ -1120,8 +1142,10 @@ def fit(run, model, optimizers, train_step, evaluate, deployed, views=1, average
             accs = run.score(model, evaluate)  # eval mode while scoring, train mode after
             for name, members in (averages or {}).items():
                 accs[name] = sum(accs[m] for m in members) / len(members)
+            for name, (a, b) in (gaps or {}).items():
+                accs[f"int/{name}"] = accs[a] - accs[b]
             history.append({"epoch": epoch + 1, "lr": lr, **meter.means(),
-                            **{f"acc/{k}": v for k, v in accs.items()},
+                            **{(k if is_internal(k) else f"acc/{k}"): v for k, v in accs.items()},
                             "sec": sec, "images": meter.seen, "images_per_s": meter.seen / sec})
             if accs[deployed] > best["acc"]:
                 best = {"acc": accs[deployed], "epoch": epoch + 1}

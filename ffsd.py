@@ -351,8 +351,11 @@ def evaluate(model, x):
     # ensemble and the fusion classifier (needs every student at test time).
     # NOTE(deviation): ensemble = the MEAN of the students' logits (arg-max scored), not the official code's
     # "any student correct" oracle (utils/util.py, ensemble_accuracy).
+    # Internal: per test image, the distance D between consecutive students' normalised last-stage attention
+    # maps (0: the same regions; what the diversity term pushes up), one per pair k-1, k (B, M - 1).
+    a = torch.stack([F.normalize(attention(f[-1]), dim=1) for f in feats])  # (M, B, HW)
     return {**{f"student{k + 1}": z[k] for k in range(len(model.students))}, "ensemble": z.float().mean(0),
-            "fusion": z_f, "leader": model.leader(x)}
+            "fusion": z_f, "leader": model.leader(x), "int/attention_distance": (a[1:] - a[:-1]).pow(2).mean(-1).T}
     # ===== END ALGO =====
 
 

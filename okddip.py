@@ -159,12 +159,15 @@ def train_step(model, optimizers, x, y, epoch, step, run):
 # ===== 6. Evaluate =====
 def evaluate(model, x):
     # ===== BEGIN ALGO: evaluate =====
-    logits, _ = model(x)  # (m + 1, B, C)
+    logits, A = model(x)  # (m + 1, B, C), (B, m, m)
     m = len(logits) - 1
     # The leader (last branch) is deployed; also every peer and the peer ensemble = the mean of the
     # auxiliary peers' logits, scored by its arg-max (the leader not included; costs m branches).
+    # Internals: the attention matrix (row a: how peer a's target weighs the peers; rows sum to 1) and each
+    # row's entropy in nats (log m: uniform weights; 0: one peer only), per test image.
+    A = A.float()
     return {**{f"peer{a + 1}": logits[a] for a in range(m)}, "ensemble": logits[:m].float().mean(0),
-            "leader": logits[m]}
+            "leader": logits[m], "int/attention": A, "int/attention_entropy": -(A * A.clamp_min(1e-12).log()).sum(-1)}
     # ===== END ALGO =====
 
 

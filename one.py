@@ -143,11 +143,12 @@ def train_step(model, optimizers, x, y, epoch, step, run):
 # ===== 6. Evaluate =====
 def evaluate(model, x):
     # ===== BEGIN ALGO: evaluate =====
-    logits, _, z_e = model(x)  # (m, B, C), (B, m), (B, C)
+    logits, gate, z_e = model(x)  # (m, B, C), (B, m), (B, C)
     # Branch 1 is deployed; also every branch, the gated teacher (ONE-E as the official code logs it) and the
     # plain mean of the branch logits (what OKDDip's code calls the ensemble); both cost m branches.
+    # Internal: the gate's weight on each branch, per test image (a softmax: sums to 1).
     return {**{f"branch{i + 1}": logits[i] for i in range(len(logits))}, "one_e": z_e,
-            "ensemble": logits.float().mean(0)}
+            "ensemble": logits.float().mean(0), "int/gate": gate}
     # ===== END ALGO =====
 
 

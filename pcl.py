@@ -184,8 +184,12 @@ def evaluate(model, x):
     m = logits.shape[0]
     # Students, the ensemble head, the temporal-mean peers (mt_peer1 is deployed) and PCL-E = the mean of the
     # temporal-mean peers' logits (costs m x at inference).
+    # Internal: per test image, KL(temporal mean j || peer j) at T = 1 for each peer j (B, m).
+    kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(mean_logits.float(), -1), reduction="none",
+                  log_target=True).sum(-1).T
     return {**{f"peer{j + 1}": logits[j] for j in range(m)}, "pe_teacher": ens_logits,
-            **{f"mt_peer{j + 1}": mean_logits[j] for j in range(m)}, "pcl_e": mean_logits.float().mean(0)}
+            **{f"mt_peer{j + 1}": mean_logits[j] for j in range(m)}, "pcl_e": mean_logits.float().mean(0),
+            "int/kl_mean_peer": kl}
     # ===== END ALGO =====
 
 
@@ -201,7 +205,8 @@ def main(args):
     optimizers = build_optimizers(model, args)
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1",
                       views=args.num_peers, show=["ce/ens", "kd/ens", "kd/mean"],
-                      deployed_net=deployed_net)
+                      deployed_net=deployed_net,  # and per peer: its temporal mean's accuracy minus its own
+                      gaps={f"acc_gap_peer{j}": (f"mt_peer{j}", f"peer{j}") for j in range(1, args.num_peers + 1)})
 
 
 if __name__ == "__main__":

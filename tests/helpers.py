@@ -67,6 +67,11 @@ class GradedLogs(dict):
                              f"GRADED block); it logged {sorted(self)}")
 
 
+def models(outs):
+    """The names of the models evaluate scores, in order: its internals ('int/...') left out."""
+    return [k for k in outs if not k.startswith("int/")]
+
+
 def graded(logs, who):
     return GradedLogs(logs, who)
 

@@ -10,7 +10,7 @@ from unittest import mock
 import numpy as np
 import torch
 
-from helpers import ROOT, fake_run, fixed_outputs, np_att, np_ce, np_dist, np_div_target, np_kd, np_leader_terms, npy, rand, tiny
+from helpers import ROOT, fake_run, fixed_outputs, models, np_att, np_ce, np_dist, np_div_target, np_kd, np_leader_terms, npy, rand, tiny
 
 import common
 import ffsd
@@ -271,7 +271,7 @@ class TestModel(unittest.TestCase):
         x = torch.randn(5, 3, 32, 32)
         with torch.no_grad():
             outs = ffsd.evaluate(model, x)
-            self.assertEqual(list(outs), ["student1", "student2", "ensemble", "fusion", "leader"])
+            self.assertEqual(models(outs), ["student1", "student2", "ensemble", "fusion", "leader"])
             torch.testing.assert_close(outs["ensemble"], (model.students[0](x) + model.students[1](x)) / 2)
             torch.testing.assert_close(outs["leader"], model.leader(x))
             feats = [net.features(x)[-1] for net in model.students]

@@ -178,7 +178,7 @@ class TestModel(unittest.TestCase):
             outs = one.evaluate(net, x)
             solo = net.net.single(0)(x)
             logits, _, z_e = net(x)
-        self.assertEqual(set(outs), {"branch1", "branch2", "branch3", "one_e", "ensemble"})
+        self.assertEqual(set(outs), {"branch1", "branch2", "branch3", "one_e", "ensemble", "int/gate"})
         torch.testing.assert_close(outs["branch1"], solo)
         torch.testing.assert_close(outs["one_e"], z_e)
         torch.testing.assert_close(outs["ensemble"], logits.mean(0))

@@ -37,26 +37,27 @@ WIDTH = 100
 # What train_step returns, in every method's contract.
 LOGS = "a non-empty dict of 0-d tensors with 'loss', which fit averages and prints"
 # What the grading tests read besides the function signatures: a correct solution must use these names.
+OPTIONAL = "evaluate may also return internals (entries named 'int/...'); they are not graded."
 CONTRACT = {
     "baseline": ["baseline_loss returns (loss, logs), logs = exactly {'loss', 'ce'}.",
                  f"train_step returns baseline_loss's logs ({LOGS}).",
-                 "evaluate returns {'net': logits}."],
+                 "evaluate returns {'net': logits}.", OPTIONAL],
     "dml": ["dml_loss returns (L, logs); logs has 'loss', 'ce/peer<k>' and 'kd/peer<k>' for k = 1..K "
             "(kd/peer<k> = network k's KD term, already averaged over its K - 1 peers).",
             f"train_step returns dml_loss's logs ({LOGS}).",
             "train_step follows --update (run.args.update): 'joint' = one step of all networks, "
             "'sequential' = the paper's Algorithm 1.",
-            "evaluate returns 'peer1'..'peerK' and 'ensemble' (logits)."],
+            "evaluate returns 'peer1'..'peerK' and 'ensemble' (logits).", OPTIONAL],
     "one": ["one_loss returns (loss, logs); logs has 'loss', 'ce/branch<i>', 'kd/branch<i>' "
             "(i = 1..m, unweighted), 'ce/one_e' and 'w' (the weight it was given).",
             f"train_step returns one_loss's logs ({LOGS}; the grader reads 'w').",
-            "evaluate returns 'branch1'..'branchm', 'one_e' and 'ensemble' (logits)."],
+            "evaluate returns 'branch1'..'branchm', 'one_e' and 'ensemble' (logits).", OPTIONAL],
     "okddip": ["okddip_loss returns (loss, logs); logs has 'loss', 'ce/peer<a>', 'kd/peer<a>' "
                "(a = 1..m, unweighted), 'ce/leader', 'kd/leader' and 'w' (the weight it was given).",
                f"train_step returns okddip_loss's logs ({LOGS}; the grader reads 'w').",
                "--exclude-self (self.exclude_self in attention): peer a gets weight 0 in its own "
                "target t_a; every row of A still sums to 1.",
-               "evaluate returns 'peer1'..'peerm', 'ensemble' and 'leader' (logits)."],
+               "evaluate returns 'peer1'..'peerm', 'ensemble' and 'leader' (logits).", OPTIONAL],
     "pcl": ["pcl_loss returns (L, logs); logs has 'loss', 'ce/ens', 'ce/peers', 'kd/ens', 'kd/mean' "
             "(unweighted sums over the peers); train_step calls pcl_loss once per step and returns "
             f"its logs ({LOGS}).",
@@ -64,13 +65,13 @@ CONTRACT = {
             "each epoch (step + 1 = a multiple of run.steps_per_epoch) with phi(epoch), none "
             "inside the epoch.",
             "evaluate returns 'peer1'..'peerm', 'pe_teacher', 'mt_peer1'..'mt_peerm' and 'pcl_e' "
-            "(logits)."],
+            "(logits).", OPTIONAL],
     "ffsd": ["student_loss logs 'ce/student<k+1>', 'kd/student<k+1>' and, for k >= 1, "
              "'div/student<k+1>', 'sd/student<k+1>' (student 1 logs only the first two).",
              "leader_loss logs 'ce/leader', 'kd/leader', 'fmap/leader', 'recon/leader', 'sd/leader'; "
              "sd_fit_loss logs 'sdfit/<network>'; every logged term carries its weight.",
              f"train_step returns ffsd_loss's logs ({LOGS}).",
-             "evaluate returns 'student1'..'studentM', 'ensemble', 'fusion' and 'leader' (logits)."],
+             "evaluate returns 'student1'..'studentM', 'ensemble', 'fusion' and 'leader' (logits).", OPTIONAL],
 }
 
 

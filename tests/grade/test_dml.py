@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, graded, logs_seen, np_ce, np_kd, step_logs  # noqa: E402
+from helpers import fake_run, graded, logs_seen, models, np_ce, np_kd, step_logs  # noqa: E402
 import common  # noqa: E402
 import dml  # noqa: E402  (the grader puts the student's file here)
 
@@ -122,7 +122,7 @@ class TestEvaluate(unittest.TestCase):
         with torch.no_grad():
             outs = dml.evaluate(model, x)
             logits = [net(x) for net in model]
-        self.assertEqual(set(outs), {"peer1", "peer2", "peer3", "ensemble"})
+        self.assertEqual(set(models(outs)), {"peer1", "peer2", "peer3", "ensemble"})
         for k in range(3):
             torch.testing.assert_close(outs[f"peer{k + 1}"], logits[k])
         torch.testing.assert_close(outs["ensemble"], torch.stack(logits).mean(0))

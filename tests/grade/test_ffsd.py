@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, fixed_outputs, graded, np_ce, np_kd, npy, rand, step_logs  # noqa: E402
+from helpers import fake_run, fixed_outputs, graded, models, np_ce, np_kd, npy, rand, step_logs  # noqa: E402
 from helpers import np_att, np_dist, np_dist_att, np_div_target, np_leader_terms  # noqa: E402
 import ffsd  # noqa: E402  (the grader puts the student's file here)
 
@@ -175,7 +175,7 @@ class TestModel(unittest.TestCase):
         x = torch.randn(5, 3, 32, 32)
         with torch.no_grad():
             outs = ffsd.evaluate(model, x)
-            self.assertEqual(set(outs), {"student1", "student2", "ensemble", "fusion", "leader"})
+            self.assertEqual(set(models(outs)), {"student1", "student2", "ensemble", "fusion", "leader"})
             mean = (model.students[0](x) + model.students[1](x)) / 2
             torch.testing.assert_close(outs["ensemble"], mean)
             torch.testing.assert_close(outs["leader"], model.leader(x))

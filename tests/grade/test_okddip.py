@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import assert_ramp_and_step, batch, graded, np_ce, np_kd, np_softmax  # noqa: E402
+from helpers import assert_ramp_and_step, batch, graded, models, np_ce, np_kd, np_softmax  # noqa: E402
 import okddip  # noqa: E402  (the grader puts the student's file here)
 
 # 3 peers + the leader (last), B = 2, C = 3; a fixed attention (B, 3, 3), rows summing to 1; labels.
@@ -134,7 +134,7 @@ class TestEvaluate(unittest.TestCase):
         with torch.no_grad():
             outs = okddip.evaluate(net, x)
             logits, _ = net(x)
-        self.assertEqual(set(outs), {"peer1", "peer2", "peer3", "ensemble", "leader"})
+        self.assertEqual(set(models(outs)), {"peer1", "peer2", "peer3", "ensemble", "leader"})
         for a in range(3):
             torch.testing.assert_close(outs[f"peer{a + 1}"], logits[a])
         torch.testing.assert_close(outs["ensemble"], logits[:3].mean(0))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # helpers
-from helpers import fake_run, graded, logs_seen, np_ce, np_kd, step_logs  # noqa: E402
+from helpers import fake_run, graded, logs_seen, models, np_ce, np_kd, step_logs  # noqa: E402
 import common  # noqa: E402
 import pcl  # noqa: E402  (the grader puts the student's file here)
 
@@ -274,7 +274,7 @@ class TestEvaluate(unittest.TestCase):
         with torch.no_grad():
             outs = pcl.evaluate(model, x)
             names = ["peer1", "peer2", "peer3", "pe_teacher", "mt_peer1", "mt_peer2", "mt_peer3"]
-            self.assertEqual(set(outs), {*names, "pcl_e"})
+            self.assertEqual(set(models(outs)), {*names, "pcl_e"})
             for j in range(3):
                 torch.testing.assert_close(outs[f"mt_peer{j + 1}"], model.mean.peers.single(j)(x))
                 torch.testing.assert_close(outs[f"peer{j + 1}"], model.student.peers.single(j)(x))
