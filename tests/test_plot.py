@@ -1,5 +1,5 @@
 """tools/plot.py: the per-epoch logs of a results grid, averaged over seeds (mean, min-max band),
-drawn as <grid>-acc.png and <grid>-losses.png. Reading and averaging need no plotting library;
+drawn as <grid>-acc.png, <grid>-losses.png and, where methods log internals, <grid>-internals.png. Reading and averaging need no plotting library;
 drawing needs matplotlib (an optional extra): the picture test is skipped where it is absent."""
 import json
 import os
@@ -123,6 +123,32 @@ class Curves(unittest.TestCase):
         self.assertEqual(os.listdir(out), [])
 
 
+INTERNAL_ROWS = [  # two epochs of what ONE, OKDDip (m = 2) and PCL (2 peers) log inside
+    {"epoch": e, "loss": 1.0, "int/gate": [0.2 * e, 1 - 0.2 * e],
+     "int/attention": [[0.5, 0.5], [0.1 * e, 1 - 0.1 * e]], "int/attention_entropy": [0.69, 0.3 / e],
+     "int/acc_gap_peer1": 2.0 * e, "int/acc_gap_peer2": -1.0 * e, "int/agreement": 0.5 + 0.1 * e}
+    for e in (1, 2)]
+
+
+class Internals(unittest.TestCase):
+    """The 'int/...' entries of metrics.jsonl: one panel each, a line per element, not loss terms."""
+
+    def test_panels_lines_per_element_and_numbered_scalars_together(self):
+        panels = {k: (kind, [line[0] for line in lines]) for k, kind, lines in plot.internal_panels(INTERNAL_ROWS)}
+        self.assertEqual(panels, {
+            "int/gate": ("lines", ["branch 1", "branch 2"]),
+            "int/attention": ("matrix", []),
+            "int/attention_entropy": ("lines", ["peer 1", "peer 2"]),
+            "int/acc_gap_peer": ("lines", ["peer 1", "peer 2"]),
+            "int/agreement": ("lines", ["fraction of test images"])})
+
+    def test_band_of_a_list_element_and_not_a_loss_term(self):
+        runs = [INTERNAL_ROWS, [dict(r, **{"int/gate": [0.0, 1.0]}) for r in INTERNAL_ROWS]]
+        self.assertEqual(plot.band(runs, "int/gate", (1,)), ([1, 2], [0.9, 0.8], [0.8, 0.6], [1.0, 1.0]))
+        self.assertEqual(plot.band(runs, "int/attention", (1, 0))[1], [0.1, 0.2])
+        self.assertEqual(plot.loss_terms(runs), ["loss"])
+
+
 class StudentRuns(unittest.TestCase):
     """`python tools/plot.py runs/a runs/b`: a student's own run folders, one curve each."""
 
@@ -160,6 +186,17 @@ class Pictures(unittest.TestCase):
         self.assertEqual(png_size(written[0]), (700, 450))
         self.assertEqual(png_size(written[1]), (920, 380))  # one panel per run
 
+
+    def test_internals_drawn_where_logged(self):
+        root = tmpdir(self)
+        plain = write_run(root, "base", "baseline", "net")
+        inside = write_run(root, "one", "one", "branch1")
+        with open(os.path.join(inside, "metrics.jsonl"), "w") as f:
+            f.write("".join(json.dumps(dict(r, **{"acc/branch1": 10.0 * r["epoch"]})) + "\n" for r in INTERNAL_ROWS))
+        written = plot.main([plain, inside])
+        self.assertEqual([os.path.basename(p) for p in written], ["runs-acc.png", "runs-losses.png", "runs-internals.png"])
+        self.assertEqual(png_size(written[2]), (1380, 720))  # 5 panels: 3 columns, 2 rows
+        self.assertEqual(len(plot.main([plain])), 2, "no internals logged: no internals picture")
 
     def test_two_pngs_per_grid(self):
         out = os.path.join(tmpdir(self), "img")

@@ -107,6 +107,7 @@ def main(argv=None):
     else:
         accs = common.evaluate_all(run, run.to_device(model), module.evaluate)
         deployed = export.deployed_name(obj, path)
+    accs = {k: v for k, v in accs.items() if not common.is_internal(k)}  # the models (internals: metrics.jsonl)
     print(f"{path} | {what} | {arch} | {targs.dataset} ({len(data.test_y)} test images, "
           f"{len(data.classes)} classes) | {device.type}{' bf16' if run.amp else ''}", flush=True)
     width = max(len(k) for k in accs)

@@ -5,12 +5,16 @@
                                 over seeds, light band = min-max over seeds; baseline dashed black
     docs/img/<grid>-losses.png  one panel per method: each logged loss term per epoch (mean over
                                 seeds, log scale), and the ramp-up weight w(e) where one is logged
+    docs/img/<grid>-internals.png  what happens inside each method, measured on the test set every
+                                epoch (the 'int/...' entries; docs/internals.md): DML's peer agreement,
+                                ONE's gate, OKDDip's attention (last epoch) and its entropy, PCL's gap
+                                between each peer and its temporal mean, FFSD's attention-map distance
 
     python tools/plot.py                # every grid in results/ with per-epoch logs (make plot)
     python tools/plot.py --grids tiny --out docs/img
 
 Your own runs instead (each a training run's --out folder, finished or not): one curve per run,
-written as runs-acc.png and runs-losses.png into --out (default: the folder holding the first run):
+written as runs-acc.png, runs-losses.png (and runs-internals.png) into --out (default: the folder holding the first run):
 
     python tools/plot.py runs/lab1/baseline runs/lab1/pcl     # -> runs/lab1/runs-acc.png, ...
 
@@ -107,13 +111,17 @@ def load_runs(paths):
     return groups
 
 
-def band(runs, column):
-    """Per epoch over the seeds that logged `column`: (epochs, mean, min, max)."""
+def band(runs, column, index=()):
+    """Per epoch over the seeds that logged `column` (element `index` of a logged list): (epochs, mean,
+    min, max)."""
     by_epoch = {}
     for rows in runs:
         for row in rows:
-            if column in row and row[column] is not None and math.isfinite(row[column]):
-                by_epoch.setdefault(row["epoch"], []).append(row[column])
+            v = row.get(column)
+            for i in index:
+                v = v[i] if isinstance(v, list) and i < len(v) else None
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                by_epoch.setdefault(row["epoch"], []).append(v)
     epochs = sorted(by_epoch)
     vals = [by_epoch[e] for e in epochs]
     return epochs, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
@@ -125,9 +133,96 @@ def loss_terms(runs):
     for rows in runs:
         for row in rows:
             for k in row:
-                if k not in NOT_LOSSES and not k.startswith("acc/") and k not in terms:
+                if k not in NOT_LOSSES and not k.startswith(("acc/", "int/")) and k not in terms:
                     terms.append(k)
     return terms
+
+
+# What each internal is (the panel's title) and what one line of it is; docs/internals.md says more.
+INTERNALS = {
+    "int/agreement": ("DML: peer pairs predicting the same class", "{} of test images"),
+    "int/gate": ("ONE: gate weight per branch (mean over test images)", "branch {}"),
+    "int/attention": ("OKDDip: attention A[a, c], last epoch (row a: peer a's target)", ""),
+    "int/attention_entropy": ("OKDDip: entropy of each attention row (nats; dotted: log m, uniform)", "peer {}"),
+    "int/kl_mean_peer": ("PCL: KL(temporal mean j || peer j) on test images", "peer {}"),
+    "int/acc_gap_peer": ("PCL: temporal mean j's accuracy minus peer j's (points)", "peer {}"),
+    "int/attention_distance": ("FFSD: distance between consecutive students' attention maps", "students {}"),
+}
+
+
+def internal_panels(rows):
+    """[(key, kind, lines)] of the internals in a run's rows, in logging order: kind 'lines' with lines =
+    [(label, column, index)], or 'matrix' (a logged matrix: drawn at the last epoch). Scalars that differ
+    only by a trailing number (int/acc_gap_peer1, 2, ...) share one panel."""
+    panels = {}
+    for row in rows:
+        for k, v in row.items():
+            if not k.startswith("int/"):
+                continue
+            stem = k.rstrip("0123456789")
+            fmt = INTERNALS.get(stem if stem != k else k, (k, "{}"))[1]
+            if stem != k:  # one line per numbered key
+                panel = panels.setdefault(stem, ("lines", {}))
+                panel[1][k] = (fmt.format(k[len(stem):]), k, ())
+            elif isinstance(v, list) and v and isinstance(v[0], list):
+                panels.setdefault(k, ("matrix", {}))
+            elif isinstance(v, list):
+                panel = panels.setdefault(k, ("lines", {}))
+                for i in range(len(v)):
+                    if i not in panel[1]:
+                        panel[1][i] = (fmt.format(i + 1 if "students" not in fmt else f"{i + 1},{i + 2}"), k, (i,))
+            else:
+                panels.setdefault(k, ("lines", {k: (fmt.format("fraction"), k, ())}))
+    return [(k, kind, list(lines.values())) for k, (kind, lines) in panels.items()]
+
+
+def plot_internals(plt, title, groups, path):
+    """One small panel per internal of each method (mean over seeds, band = min-max); a matrix as a heat
+    map of its last epoch's mean. Returns False (nothing written) when no run logged any internal."""
+    panels = [(label, g, *p) for label, g in groups.items() for p in internal_panels(r for rs in g["rows"]
+                                                                                    for r in rs)]
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
+    for ax, (label, g, key, kind, lines) in zip(axes.flat, panels):
+        name = INTERNALS.get(key, (key,))[0]
+        ax.set_title(f"{label}: {name.partition(': ')[2] or name}", fontsize=8)
+        if kind == "matrix":
+            last = [rs[-1][key] for rs in g["rows"] if rs and key in rs[-1]]
+            m = [[sum(s[a][c] for s in last) / len(last) for c in range(len(last[0][a]))]
+                 for a in range(len(last[0]))]
+            ax.imshow(m, vmin=0, vmax=1, cmap="Blues")
+            for a, row in enumerate(m):
+                for c, v in enumerate(row):
+                    ax.text(c, a, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if v > 0.6 else "black")
+            ax.set_xticks(range(len(m)), [f"peer {c + 1}" for c in range(len(m))], fontsize=7)
+            ax.set_yticks(range(len(m)), [f"peer {a + 1}" for a in range(len(m))], fontsize=7)
+            ax.set_xlabel("key c", fontsize=8)
+            continue
+        for line_label, column, index in lines:
+            epochs, mean, lo, hi = band(g["rows"], column, index)
+            line, = ax.plot(epochs, mean, lw=1.5, label=line_label)
+            if len(g["rows"]) > 1:
+                ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
+        if key == "int/attention_entropy" and lines:
+            ax.axhline(math.log(len(lines)), ls=":", color="grey")
+        if key == "int/acc_gap_peer":
+            ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        _axes_style(ax)
+        ax.legend(fontsize=6, loc="best", framealpha=0.7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    name, _, rest = title.partition(": ")
+    fig.suptitle(f"{name}: inside each method, on the test set every epoch; {rest}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return True
 
 
 def _pyplot():
@@ -251,13 +346,14 @@ def main(argv=None):
     os.makedirs(out, exist_ok=True)
     written = []
     for grid, groups in curves.items():
-        for kind, draw in (("acc", plot_accuracy), ("losses", plot_losses)):
+        names = []
+        for kind, draw in (("acc", plot_accuracy), ("losses", plot_losses), ("internals", plot_internals)):
             path = os.path.join(out, f"{grid}-{kind}.png")
-            draw(plt, f"grid {grid}: {_subtitle(groups)}", groups, path)
-            written.append(path)
+            if draw(plt, f"grid {grid}: {_subtitle(groups)}", groups, path) is not False:
+                written.append(path)
+                names.append(os.path.basename(path))
         n = sum(len(g["seeds"]) for g in groups.values())
-        print(f"grid {grid}: {len(groups)} method(s), {n} runs -> {grid}-acc.png, "
-              f"{grid}-losses.png in {out}", flush=True)
+        print(f"grid {grid}: {len(groups)} method(s), {n} runs -> {', '.join(names)} in {out}", flush=True)
     return written
 
 
@@ -268,9 +364,11 @@ def draw_runs(paths, out):
     os.makedirs(out, exist_ok=True)
     title = (f"runs: {', '.join(sorted({g['arch'] for g in groups.values()}))}, "
              f"{', '.join(sorted({g['data'] for g in groups.values()}))}")
-    written = [os.path.join(out, f"runs-{kind}.png") for kind in ("acc", "losses")]
+    written = [os.path.join(out, f"runs-{kind}.png") for kind in ("acc", "losses", "internals")]
     plot_accuracy(plt, title, groups, written[0])
     plot_losses(plt, title, groups, written[1])
+    if not plot_internals(plt, title, groups, written[2]):
+        written.pop()
     print(f"{', '.join(groups)} -> {' '.join(written)}", flush=True)
     return written
 
