@@ -1,4 +1,4 @@
-"""Method internals (evaluate's 'int/...' entries, docs/internals.md): each equals a direct numpy computation on
+"""Method internals (evaluate's 'int/...' entries, docs/tutorial.md, section 9): each equals a direct numpy computation on
 a tiny model, has the documented shape, and is what common averages over the test set and writes to
 metrics.jsonl every epoch. ONE's gate rows and OKDDip's attention rows sum to 1."""
 import json

@@ -6,7 +6,7 @@
     docs/img/<grid>-losses.png  one panel per method: each logged loss term per epoch (mean over
                                 seeds, log scale), and the ramp-up weight w(e) where one is logged
     docs/img/<grid>-internals.png  what happens inside each method, measured on the test set every
-                                epoch (the 'int/...' entries; docs/internals.md): DML's peer agreement,
+                                epoch (the 'int/...' entries; docs/tutorial.md, section 9): DML's peer agreement,
                                 ONE's gate, OKDDip's attention (last epoch) and its entropy, PCL's gap
                                 between each peer and its temporal mean, FFSD's attention-map distance
 
@@ -138,7 +138,7 @@ def loss_terms(runs):
     return terms
 
 
-# What each internal is (the panel's title) and what one line of it is; docs/internals.md says more.
+# What each internal is (the panel's title) and what one line of it is; docs/tutorial.md, section 9 says more.
 INTERNALS = {
     "int/agreement": ("DML: peer pairs predicting the same class", "{} of test images"),
     "int/gate": ("ONE: gate weight per branch (mean over test images)", "branch {}"),
