@@ -1,7 +1,7 @@
 """The teaching pages point at code that exists. In docs/tutorial.md and docs/instructor.md a code pointer
 is written `` `file.py`: `code` ``: the file must exist and contain that code (whitespace-insensitive, so
 re-wrapping a line does not break it); every other backticked `path.py` or `.md` must exist; every
-relative link must resolve; every question of the tutorial (Q) and of Lab 1 (L) has its answer in the
+relative link must resolve; every question of the tutorial (Q) and of the labs (L1.n, L2.n) has its answer in the
 instructor's page, and neither student page carries answers; the instructor's page lists every line of
 a marked region's code (an assignment's answer) that the tutorial quotes. Text only: fast."""
 import os
@@ -14,7 +14,8 @@ from helpers import ROOT
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import assignment  # noqa: E402
 
-PAGES = ["docs/tutorial.md", "docs/instructor.md", "docs/lab1.md"]
+LABS = ["docs/lab1.md", "docs/lab2.md"]
+PAGES = ["docs/tutorial.md", "docs/instructor.md", *LABS]
 POINTER = re.compile(r"`([\w./-]+\.\w+)`: `([^`]+)`")
 PATH = re.compile(r"`([\w./-]+\.(?:py|md))`")
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
@@ -76,8 +77,12 @@ def withheld_paragraph():
 
 
 def lab_questions():
-    section = read("docs/lab1.md").split("## Questions", 1)[1].split("\n## ", 1)[0]
-    return [f"L{n}" for n in re.findall(r"^(\d+)\. ", section, re.M)]
+    """Question n of Lab k is L<k>.<n>."""
+    asked = []
+    for k, page in enumerate(LABS, 1):
+        section = read(page).split("## Questions", 1)[1].split("\n## ", 1)[0]
+        asked += [f"L{k}.{n}" for n in re.findall(r"^(\d+)\. ", section, re.M)]
+    return asked
 
 
 class CodePointers(unittest.TestCase):
@@ -128,7 +133,7 @@ class Answers(unittest.TestCase):
         self.assertEqual(sorted(answered), sorted(asked), "docs/instructor.md answers exactly the questions")
 
     def test_student_pages_carry_no_answers(self):
-        for page in ["docs/tutorial.md", "docs/lab1.md"]:
+        for page in ["docs/tutorial.md", *LABS]:
             text = read(page)
             self.assertFalse("instructor.md" in text, f"{page} links the answers")
             self.assertFalse(re.search(r"(?i)\banswer:", text), f"{page} gives an answer")

@@ -1,4 +1,4 @@
-"""Lab 1 (docs/lab1.md) as a student meets it: tools/cifar10_to_jpeg.py on a fixture in CIFAR-10's own
+"""The labs (docs/lab1.md, docs/lab2.md) as a student meets them: tools/cifar10_to_jpeg.py on a fixture in CIFAR-10's own
 pickle format (offline), then every command of the lab in sequence as written, on that converted fixture,
 with only the sizes made tiny (epochs, subsets, batch). The plotting command runs where matplotlib is
 installed (an optional extra) and is skipped, said so, where it is not."""
@@ -96,9 +96,9 @@ class Converter(unittest.TestCase):
         self.assertFalse([n for n in os.listdir(root) if n.startswith("cifar10-jpeg")])
 
 
-def lab_commands():
-    """The shell commands of docs/lab1.md's first ```bash block, comments dropped, lines joined."""
-    with open(os.path.join(ROOT, "docs", "lab1.md")) as f:
+def lab_commands(page):
+    """The shell commands of the page's first ```bash block, comments dropped, lines joined."""
+    with open(os.path.join(ROOT, "docs", page)) as f:
         block = re.search(r"```bash\n(.*?)```", f.read(), re.S).group(1)
     lines = [line.split("#")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
     return [line for line in lines if line]
@@ -112,14 +112,20 @@ def tiny(argv):
     return [TINY.get(prev, a) if prev in TINY else a for prev, a in zip([""] + argv, argv)]
 
 
-class Lab1Commands(unittest.TestCase):
-    def test_commands_run_in_sequence_as_written(self):
+class LabCommands(unittest.TestCase):
+    def test_lab1_commands_run_in_sequence_as_written(self):
+        self.run_lab("lab1.md", ["baseline", "baseline-augment", "dml", "one"])
+
+    def test_lab2_commands_run_in_sequence_as_written(self):
+        self.run_lab("lab2.md", ["baseline", "pcl", "pcl-beta0.999"])
+
+    def run_lab(self, page, runs):
         """In a fresh folder holding a CIFAR-10 download (the fixture): the converter, the training runs
         (each its own --out: none may refuse to start), the plot. The first lines start the student's
         data (`tools/cifar10_to_jpeg.py`), the runs read it (`--dataset folder`)."""
         cwd = tmpdir(self)
         write_cifar_fixture(os.path.join(cwd, "data"))
-        commands = lab_commands()
+        commands = lab_commands(page)
         self.assertIn("tools/cifar10_to_jpeg.py", commands[0])
         outs = []
         for line in commands:
@@ -141,7 +147,7 @@ class Lab1Commands(unittest.TestCase):
                         self.assertIn(os.path.basename(out), p.stdout)
                 pngs = [w for w in p.stdout.split() if w.endswith(".png")]
                 self.assertTrue(pngs and all(os.path.isfile(os.path.join(cwd, w)) for w in pngs), p.stdout)
-        self.assertGreaterEqual(len(outs), 3, "baseline, PCL and the follow-up run")
+        self.assertEqual([os.path.basename(o) for o in outs], runs)
         self.assertEqual(len(set(outs)), len(outs), "every run has its own --out")
         for out in outs:
             self.assertTrue(os.path.isfile(os.path.join(cwd, out, "final.json")), out)

@@ -1,5 +1,5 @@
 """Turn the torchvision CIFAR-10 download into the JPEG image folder `--dataset folder` reads: the data
-the `lab` grid and Lab 1 were measured on (every image re-encoded once as JPEG, quality 75).
+the lab grids (`lab-fit`, `lab`) and the labs were measured on (every image re-encoded once as JPEG, quality 75).
 
     python tools/cifar10_to_jpeg.py data data/cifar10-jpeg
 
