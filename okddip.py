@@ -166,8 +166,9 @@ def evaluate(model, x):
     # Internals: the attention matrix (row a: how peer a's target weighs the peers; rows sum to 1) and each
     # row's entropy in nats (log m: uniform weights; 0: one peer only), per test image.
     A = A.float()
+    entropy = -(A * A.clamp_min(1e-12).log()).sum(-1)  # (B, m)
     return {**{f"peer{a + 1}": logits[a] for a in range(m)}, "ensemble": logits[:m].float().mean(0),
-            "leader": logits[m], "int/attention": A, "int/attention_entropy": -(A * A.clamp_min(1e-12).log()).sum(-1)}
+            "leader": logits[m], "int/attention": A, "int/attention_entropy": entropy}
     # ===== END ALGO =====
 
 

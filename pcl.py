@@ -203,10 +203,11 @@ def main(args):
     run = common.setup(args, method="pcl")
     model = run.to_device(build_model(args, run.num_classes))
     optimizers = build_optimizers(model, args)
+    m = args.num_peers
     return common.fit(run, model, optimizers, train_step, evaluate, deployed="mt_peer1",
-                      views=args.num_peers, show=["ce/ens", "kd/ens", "kd/mean"],
-                      deployed_net=deployed_net,  # and per peer: its temporal mean's accuracy minus its own
-                      gaps={f"acc_gap_peer{j}": (f"mt_peer{j}", f"peer{j}") for j in range(1, args.num_peers + 1)})
+                      views=m, show=["ce/ens", "kd/ens", "kd/mean"], deployed_net=deployed_net,
+                      # and per peer j: its temporal mean's accuracy minus its own
+                      gaps={f"acc_gap_peer{j}": (f"mt_peer{j}", f"peer{j}") for j in range(1, m + 1)})
 
 
 if __name__ == "__main__":

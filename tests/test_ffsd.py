@@ -10,7 +10,8 @@ from unittest import mock
 import numpy as np
 import torch
 
-from helpers import ROOT, fake_run, fixed_outputs, models, np_att, np_ce, np_dist, np_div_target, np_kd, np_leader_terms, npy, rand, tiny
+from helpers import (ROOT, fake_run, fixed_outputs, models, np_att, np_ce, np_dist, np_div_target, np_kd,
+                     np_leader_terms, npy, rand, tiny)
 
 import common
 import ffsd

@@ -1,5 +1,5 @@
-"""Method internals (evaluate's 'int/...' entries, docs/tutorial.md, section 9): each equals a direct numpy computation on
-a tiny model, has the documented shape, and is what common averages over the test set and writes to
+"""Method internals (evaluate's 'int/...' entries; docs/tutorial.md, section 9): each equals a direct numpy
+computation on a tiny model, has the documented shape, and is what common averages over the test set and writes to
 metrics.jsonl every epoch. ONE's gate rows and OKDDip's attention rows sum to 1."""
 import json
 import os
@@ -119,8 +119,8 @@ class TestInternals(unittest.TestCase):
         self.assertGreater(np.abs(want - np_kl(np_log_softmax(z), np_log_softmax(zm)).T).max(), 1e-4)
 
     def test_ffsd_distance_between_consecutive_students_attention_maps(self):
-        """FFSD: int/attention_distance (B, M - 1) = mean over positions of (a_k - a_(k-1))^2, a = the L2-normalised
-        channel mean of the last-stage map squared, for each pair of consecutive students."""
+        """FFSD: int/attention_distance (B, M - 1) = mean over positions of (a_k - a_(k-1))^2, a = the
+        L2-normalised channel mean of the last-stage map squared, for each pair of consecutive students."""
         args = ffsd.Args(arch="resnet8", device="cpu", num_students=3)
         torch.manual_seed(0)
         model = ffsd.build_model(args, 10)
@@ -143,7 +143,8 @@ class TestInternals(unittest.TestCase):
         scores = common.evaluate_all(run, model, okddip.evaluate)
         x = (run.data.test_x.float() / 255 - run.data.mean) / run.data.std
         outs = outputs(okddip, model, x)
-        np.testing.assert_allclose(np.array(scores["int/attention"]), npy(outs["int/attention"]).mean(0), atol=1e-5)
+        np.testing.assert_allclose(np.array(scores["int/attention"]), npy(outs["int/attention"]).mean(0),
+                                   atol=1e-5)
         np.testing.assert_allclose(scores["int/attention_entropy"], npy(outs["int/attention_entropy"]).mean(0),
                                    atol=1e-5)
         self.assertIsInstance(scores["int/attention"][0], list)

@@ -1,5 +1,5 @@
-"""The labs (docs/lab1.md, docs/lab2.md) as a student meets them: tools/cifar10_to_jpeg.py on a fixture in CIFAR-10's own
-pickle format (offline), then every command of the lab in sequence as written, on that converted fixture,
+"""The labs (docs/lab1.md, docs/lab2.md) as a student meets them: tools/cifar10_to_jpeg.py on a fixture in
+CIFAR-10's own pickle format (offline), then every command of the lab in sequence as written, on that converted fixture,
 with only the sizes made tiny (epochs, subsets, batch). The plotting command runs where matplotlib is
 installed (an optional extra) and is skipped, said so, where it is not."""
 import os

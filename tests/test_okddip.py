@@ -192,7 +192,8 @@ class TestModel(unittest.TestCase):
             outs = okddip.evaluate(net, x)
             logits, _ = net(x)
             solo = net.net.single(3)(x)
-        self.assertEqual(set(outs), {"peer1", "peer2", "peer3", "ensemble", "leader", "int/attention", "int/attention_entropy"})
+        self.assertEqual(set(outs), {"peer1", "peer2", "peer3", "ensemble", "leader", "int/attention",
+                                     "int/attention_entropy"})
         torch.testing.assert_close(outs["leader"], solo)
         torch.testing.assert_close(outs["ensemble"], logits[:3].mean(0))  # leader not in the ensemble
 

@@ -278,7 +278,8 @@ class TestModel(unittest.TestCase):
             self.assertFalse(torch.allclose(outs["mt_peer1"], outs["peer1"], atol=1e-4))
             mean_logits = torch.stack([outs[f"mt_peer{j}"] for j in (1, 2, 3)])
             self.assertTrue(torch.allclose(outs["pcl_e"], mean_logits.mean(0)))
-        self.assertEqual(set(outs), {"peer1", "peer2", "peer3", "pe_teacher", "mt_peer1", "mt_peer2", "mt_peer3", "pcl_e", "int/kl_mean_peer"})
+        self.assertEqual(set(outs), {"peer1", "peer2", "peer3", "pe_teacher", "mt_peer1", "mt_peer2", "mt_peer3",
+                                     "pcl_e", "int/kl_mean_peer"})
 
     def test_peers_share_no_module_and_start_different(self):
         _, model = tiny_model()

@@ -1,6 +1,7 @@
 """tools/plot.py: the per-epoch logs of a results grid, averaged over seeds (mean, min-max band),
-drawn as <grid>-acc.png, <grid>-losses.png and, where methods log internals, <grid>-internals.png. Reading and averaging need no plotting library;
-drawing needs matplotlib (an optional extra): the picture test is skipped where it is absent."""
+drawn as <grid>-acc.png, <grid>-losses.png and, where methods log internals, <grid>-internals.png.
+Reading and averaging need no plotting library; drawing needs matplotlib (an optional extra): the
+picture test is skipped where it is absent."""
 import json
 import os
 import shutil
@@ -192,7 +193,7 @@ class Pictures(unittest.TestCase):
         plain = write_run(root, "base", "baseline", "net")
         inside = write_run(root, "one", "one", "branch1")
         with open(os.path.join(inside, "metrics.jsonl"), "w") as f:
-            f.write("".join(json.dumps(dict(r, **{"acc/branch1": 10.0 * r["epoch"]})) + "\n" for r in INTERNAL_ROWS))
+            f.writelines(json.dumps(dict(r, **{"acc/branch1": 10.0 * r["epoch"]})) + "\n" for r in INTERNAL_ROWS)
         written = plot.main([plain, inside])
         self.assertEqual([os.path.basename(p) for p in written], ["runs-acc.png", "runs-losses.png", "runs-internals.png"])
         self.assertEqual(png_size(written[2]), (1380, 720))  # 5 panels: 3 columns, 2 rows
