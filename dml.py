@@ -120,7 +120,7 @@ def train_step(model, optimizers, x, y, epoch, step, run):
 def evaluate(model, x):
     # ===== BEGIN ALGO: evaluate =====
     logits = torch.stack([net(x) for net in model])  # (K, B, C)
-    pred, K = logits.argmax(-1), len(logits)  # (K, B)
+    pred, K = logits.float().argmax(-1), len(logits)  # (K, B)
     # Internal: per test image, the fraction of peer pairs that predict the same class.
     agreement = torch.stack([pred[k] == pred[l] for k in range(K) for l in range(k + 1, K)]).float().mean(0)
     # Every peer, and the ensemble = the mean of the peers' logits (scored by arg-max; K x the cost).

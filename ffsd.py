@@ -354,9 +354,9 @@ def evaluate(model, x):
     # Internal: per test image, the distance D between consecutive students' normalised last-stage attention
     # maps (0: the same regions; what the diversity term pushes up), one per pair k-1, k (B, M - 1).
     a = torch.stack([F.normalize(attention(f[-1]), dim=1) for f in feats])  # (M, B, HW)
-    distance = (a[1:] - a[:-1]).pow(2).mean(-1).T  # (B, M - 1)
+    apart = (a[1:] - a[:-1]).pow(2).mean(-1).T  # (B, M - 1)
     return {**{f"student{k + 1}": z[k] for k in range(len(model.students))}, "ensemble": z.float().mean(0),
-            "fusion": z_f, "leader": model.leader(x), "int/attention_distance": distance}
+            "fusion": z_f, "leader": model.leader(x), "int/attention_distance": apart}
     # ===== END ALGO =====
 
 

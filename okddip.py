@@ -164,7 +164,7 @@ def evaluate(model, x):
     # The leader (last branch) is deployed; also every peer and the peer ensemble = the mean of the
     # auxiliary peers' logits, scored by its arg-max (the leader not included; costs m branches).
     # Internals: the attention matrix (row a: how peer a's target weighs the peers; rows sum to 1) and each
-    # row's entropy in nats (log m: uniform weights; 0: one peer only), per test image.
+    # row's entropy in nats (log m: uniform weights, log(m - 1) with --exclude-self; 0: one peer only).
     A = A.float()
     entropy = -(A * A.clamp_min(1e-12).log()).sum(-1)  # (B, m)
     return {**{f"peer{a + 1}": logits[a] for a in range(m)}, "ensemble": logits[:m].float().mean(0),
