@@ -17,6 +17,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import assignment  # noqa: E402
+import reproduce  # noqa: E402
 from assignment import ROOT, fail  # noqa: E402
 
 
@@ -71,18 +72,20 @@ def functions(text):
     return found
 
 
-# Lab 1 (docs/lab1.md) trains these methods, with these flags of their own.
-LAB1 = {"baseline": " --no-augment", "dml": " --no-augment", "one": " --no-augment --rampup-epochs 8"}
+LAB1 = ["baseline", "dml", "one"]  # the methods Lab 1 (docs/lab1.md) trains
 
 
 def longer_run(method):
-    """ASSIGNMENT.md's run on real images: Lab 1's command (docs/lab1.md, its JPEG folder) for the
-    methods Lab 1 trains, a run of the same size on downloaded CIFAR-10 for the others."""
+    """ASSIGNMENT.md's run on real images, in the setting of Lab 1 and the `lab-fit` grid (its sizes,
+    no augmentation, the method's scaled schedule flags): Lab 1's command (its JPEG folder) for the
+    methods Lab 1 trains, the same run on downloaded CIFAR-10 for the others."""
     size = "--subset 2560 --test-subset 2000 --batch-size 64 --epochs 30 --device cpu"
+    own = "".join(f" {a}" for a in reproduce.GRIDS["lab-fit"]["method_flags"].get(method, []))
     if method in LAB1:
         return (f"python {method}.py --arch resnet20 --dataset folder --data-dir data/cifar10-jpeg {size}"
-                f"{LAB1[method]} --out runs/lab1/{method}")
-    return f"python {method}.py --arch resnet20 --dataset cifar10 {size} --out runs/{method}-cifar10"
+                f" --no-augment{own} --out runs/lab1/{method}")
+    return (f"python {method}.py --arch resnet20 --dataset cifar10 {size} --no-augment{own}"
+            f" --out runs/{method}-cifar10")
 
 
 def assignment_md(method, text):

@@ -16,7 +16,7 @@
 Your own runs instead (each a training run's --out folder, finished or not): one curve per run,
 written as runs-acc.png, runs-losses.png (and runs-internals.png) into --out (default: the folder holding the first run):
 
-    python tools/plot.py runs/lab1/baseline runs/lab1/pcl     # -> runs/lab1/runs-acc.png, ...
+    python tools/plot.py runs/lab1/baseline runs/lab1/dml     # -> runs/lab1/runs-acc.png, ...
 
 Needs matplotlib, an optional extra used by nothing else here: pip install -r requirements-plot.txt.
 Reading and averaging the logs (load_curves, band) does not need it.
@@ -143,7 +143,7 @@ INTERNALS = {
     "int/agreement": ("DML: peer pairs predicting the same class", "{} of test images"),
     "int/gate": ("ONE: gate weight per branch (mean over test images)", "branch {}"),
     "int/attention": ("OKDDip: attention A[a, c], last epoch (row a: peer a's target)", ""),
-    "int/attention_entropy": ("OKDDip: entropy of each attention row (nats; dotted: log m, uniform)", "peer {}"),
+    "int/attention_entropy": ("OKDDip: entropy of each attention row (nats; dotted: uniform rows)", "peer {}"),
     "int/kl_mean_peer": ("PCL: KL(temporal mean j || peer j) on test images", "peer {}"),
     "int/acc_gap_peer": ("PCL: temporal mean j's accuracy minus peer j's (points)", "peer {}"),
     "int/attention_distance": ("FFSD: distance between consecutive students' attention maps", "students {}"),
@@ -191,6 +191,9 @@ def plot_internals(plt, title, groups, path):
         ax.set_title(f"{label}: {name.partition(': ')[2] or name}", fontsize=8)
         if kind == "matrix":
             last = [rs[-1][key] for rs in g["rows"] if rs and key in rs[-1]]
+            if not last:  # logged once, not at the last epoch (a run resumed with other code)
+                ax.axis("off")
+                continue
             m = [[sum(s[a][c] for s in last) / len(last) for c in range(len(last[0][a]))]
                  for a in range(len(last[0]))]
             ax.imshow(m, vmin=0, vmax=1, cmap="Blues")
@@ -207,8 +210,10 @@ def plot_internals(plt, title, groups, path):
             line, = ax.plot(epochs, mean, lw=1.5, label=line_label)
             if len(g["rows"]) > 1:
                 ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
-        if key == "int/attention_entropy" and lines:
-            ax.axhline(math.log(len(lines)), ls=":", color="grey")
+        if key == "int/attention_entropy" and lines:  # uniform rows: log m, or log(m - 1) when the
+            last = g["rows"][0][-1].get("int/attention") or [[1.0]]  # diagonal is masked (--exclude-self)
+            ax.axhline(math.log(len(lines) - (max(row[a] for a, row in enumerate(last)) == 0)), ls=":",
+                       color="grey")
         if key == "int/acc_gap_peer":
             ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("epoch", fontsize=8)

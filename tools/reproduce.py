@@ -58,7 +58,7 @@ GRIDS = {
     "table1": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10", seeds=[0, 1, 2], epochs=300, flags=[]),
     "table1-jpeg": dict(methods=ALL_METHODS, archs=["resnet32"], data="cifar10-jpeg", seeds=[0, 1, 2], epochs=300,
                         flags=[]),
-    # The first course lab: real CIFAR-10 images on a laptop CPU (an estimated hour for 18 runs on 2
+    # Lab 2 (docs/lab2.md): real CIFAR-10 images on a laptop CPU (an estimated hour for 18 runs on 2
     # idle cores, two runs at a time). 512 training images per class (80 full batches of 64 per epoch), 2,000 test images,
     # 15 epochs = 1,200 steps: the 300-epoch recipe shrunk 20x, and every length counted in epochs or steps
     # with it: LR steps at the same fractions, ramp-up 80 -> 4 epochs, FFSD's warm-up 5 -> 1 epoch, and PCL's
@@ -190,7 +190,8 @@ def check_same_config(r):
         config = json.load(f)
     switches = GRIDS[r["grid"]].get("switches", [])  # valueless flags, last in argv: --no-augment
     argv = r["argv"][1:len(r["argv"]) - len(switches)]
-    pairs = list(zip(argv[0::2], argv[1::2])) + [("--" + s[5:], "False") for s in switches]
+    pairs = list(zip(argv[0::2], argv[1::2])) + [("--" + s[5:], "False") if s.startswith("--no-") else (s, "True")
+                                                 for s in switches]
     for flag, value in pairs:
         key = flag[2:].replace("-", "_")
         # (--out and --data-dir may be spelled differently or moved; every other flag must match)
