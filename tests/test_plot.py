@@ -196,7 +196,7 @@ class Pictures(unittest.TestCase):
             f.writelines(json.dumps(dict(r, **{"acc/branch1": 10.0 * r["epoch"]})) + "\n" for r in INTERNAL_ROWS)
         written = plot.main([plain, inside])
         self.assertEqual([os.path.basename(p) for p in written], ["runs-acc.png", "runs-losses.png", "runs-internals.png"])
-        self.assertEqual(png_size(written[2]), (1380, 720))  # 5 panels: 3 columns, 2 rows
+        self.assertEqual(png_size(written[2]), (1380, 760))  # 5 panels: 3 columns, 2 rows
         self.assertEqual(len(plot.main([plain])), 2, "no internals logged: no internals picture")
 
     def test_two_pngs_per_grid(self):

@@ -138,98 +138,6 @@ def loss_terms(runs):
     return terms
 
 
-# What each internal is (the panel's title) and what one line of it is; docs/tutorial.md, section 9 says more.
-INTERNALS = {
-    "int/agreement": ("DML: peer pairs predicting the same class", "{} of test images"),
-    "int/gate": ("ONE: gate weight per branch (mean over test images)", "branch {}"),
-    "int/attention": ("OKDDip: attention A[a, c], last epoch (row a: peer a's target)", ""),
-    "int/attention_entropy": ("OKDDip: entropy of each attention row (nats; dotted: uniform rows)", "peer {}"),
-    "int/kl_mean_peer": ("PCL: KL(temporal mean j || peer j) on test images", "peer {}"),
-    "int/acc_gap_peer": ("PCL: temporal mean j's accuracy minus peer j's (points)", "peer {}"),
-    "int/attention_distance": ("FFSD: distance between consecutive students' attention maps", "students {}"),
-}
-
-
-def internal_panels(rows):
-    """[(key, kind, lines)] of the internals in a run's rows, in logging order: kind 'lines' with lines =
-    [(label, column, index)], or 'matrix' (a logged matrix: drawn at the last epoch). Scalars that differ
-    only by a trailing number (int/acc_gap_peer1, 2, ...) share one panel."""
-    panels = {}
-    for row in rows:
-        for k, v in row.items():
-            if not k.startswith("int/"):
-                continue
-            stem = k.rstrip("0123456789")
-            fmt = INTERNALS.get(stem if stem != k else k, (k, "{}"))[1]
-            if stem != k:  # one line per numbered key
-                panel = panels.setdefault(stem, ("lines", {}))
-                panel[1][k] = (fmt.format(k[len(stem):]), k, ())
-            elif isinstance(v, list) and v and isinstance(v[0], list):
-                panels.setdefault(k, ("matrix", {}))
-            elif isinstance(v, list):
-                panel = panels.setdefault(k, ("lines", {}))
-                for i in range(len(v)):
-                    if i not in panel[1]:
-                        panel[1][i] = (fmt.format(i + 1 if "students" not in fmt else f"{i + 1},{i + 2}"), k, (i,))
-            else:
-                panels.setdefault(k, ("lines", {k: (fmt.format("fraction"), k, ())}))
-    return [(k, kind, list(lines.values())) for k, (kind, lines) in panels.items()]
-
-
-def plot_internals(plt, title, groups, path):
-    """One small panel per internal of each method (mean over seeds, band = min-max); a matrix as a heat
-    map of its last epoch's mean. Returns False (nothing written) when no run logged any internal."""
-    panels = [(label, g, *p) for label, g in groups.items() for p in internal_panels(r for rs in g["rows"]
-                                                                                    for r in rs)]
-    if not panels:
-        return False
-    cols = min(3, len(panels))
-    rows = math.ceil(len(panels) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
-    for ax, (label, g, key, kind, lines) in zip(axes.flat, panels):
-        name = INTERNALS.get(key, (key,))[0]
-        ax.set_title(f"{label}: {name.partition(': ')[2] or name}", fontsize=8)
-        if kind == "matrix":
-            last = [rs[-1][key] for rs in g["rows"] if rs and key in rs[-1]]
-            if not last:  # logged once, not at the last epoch (a run resumed with other code)
-                ax.axis("off")
-                continue
-            m = [[sum(s[a][c] for s in last) / len(last) for c in range(len(last[0][a]))]
-                 for a in range(len(last[0]))]
-            ax.imshow(m, vmin=0, vmax=1, cmap="Blues")
-            for a, row in enumerate(m):
-                for c, v in enumerate(row):
-                    ax.text(c, a, f"{v:.2f}", ha="center", va="center", fontsize=8,
-                            color="white" if v > 0.6 else "black")
-            ax.set_xticks(range(len(m)), [f"peer {c + 1}" for c in range(len(m))], fontsize=7)
-            ax.set_yticks(range(len(m)), [f"peer {a + 1}" for a in range(len(m))], fontsize=7)
-            ax.set_xlabel("key c", fontsize=8)
-            continue
-        for line_label, column, index in lines:
-            epochs, mean, lo, hi = band(g["rows"], column, index)
-            line, = ax.plot(epochs, mean, lw=1.5, label=line_label)
-            if len(g["rows"]) > 1:
-                ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
-        if key == "int/attention_entropy" and lines:  # uniform rows: log m, or log(m - 1) when the
-            last = g["rows"][0][-1].get("int/attention") or [[1.0]]  # diagonal is masked (--exclude-self)
-            ax.axhline(math.log(len(lines) - (max(row[a] for a, row in enumerate(last)) == 0)), ls=":",
-                       color="grey")
-        if key == "int/acc_gap_peer":
-            ax.axhline(0, color="grey", lw=0.8)
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.tick_params(labelsize=7)
-        _axes_style(ax)
-        ax.legend(fontsize=6, loc="best", framealpha=0.7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    name, _, rest = title.partition(": ")
-    fig.suptitle(f"{name}: inside each method, on the test set every epoch; {rest}", fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
-    return True
-
-
 def _pyplot():
     try:
         import matplotlib
@@ -291,11 +199,26 @@ def plot_accuracy(plt, title, groups, path):
     plt.close(fig)
 
 
-def plot_losses(plt, title, groups, path):
-    n = len(groups)
+def _small_multiples(plt, n):
+    """A figure of n small panels, three to a row."""
     cols = min(3, n)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    return plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+
+
+def _finish_multiples(plt, fig, axes, n, title, what, path):
+    """Blank the unused panels, title the figure 'grid X: what; arch, data, seeds', write it."""
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    name, _, rest = title.partition(": ")
+    fig.suptitle(f"{name}: {what}; {rest}", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_losses(plt, title, groups, path):
+    fig, axes = _small_multiples(plt, len(groups))
     for ax, (label, g) in zip(axes.flat, groups.items()):
         for term in loss_terms(g["rows"]):
             epochs, mean, _, _ = band(g["rows"], term)
@@ -317,13 +240,93 @@ def plot_losses(plt, title, groups, path):
         handles = ax.get_lines() + (top.get_lines() if top is not ax else [])
         top.legend(handles=handles, fontsize=6, ncol=2 if len(handles) > 6 else 1, loc="best",
                    framealpha=0.7)
-    for ax in list(axes.flat)[n:]:
-        ax.axis("off")
-    name, _, rest = title.partition(": ")
-    fig.suptitle(f"{name}: loss terms per epoch (mean over seeds, log scale); {rest}", fontsize=9)
-    fig.tight_layout()
-    _save(fig, path)
-    plt.close(fig)
+    _finish_multiples(plt, fig, axes, len(groups), title, "loss terms per epoch (mean over seeds, log scale)",
+                      path)
+
+
+# What each internal is (the panel's title) and what one line of it is; docs/tutorial.md, section 9 says more.
+INTERNALS = {
+    "int/agreement": ("DML: peer pairs predicting the same class", "{} of test images"),
+    "int/gate": ("ONE: gate weight per branch (mean over test images)", "branch {}"),
+    "int/attention": ("OKDDip: attention A[a, c], last epoch (row a: peer a's target)", ""),
+    "int/attention_entropy": ("OKDDip: entropy of each attention row (nats; dotted: uniform rows)", "peer {}"),
+    "int/kl_mean_peer": ("PCL: KL(temporal mean j || peer j) on test images", "peer {}"),
+    "int/acc_gap_peer": ("PCL: temporal mean j's accuracy minus peer j's (points)", "peer {}"),
+    "int/attention_distance": ("FFSD: distance between consecutive students' attention maps", "students {}"),
+}
+
+
+def internal_panels(rows):
+    """[(key, kind, lines)] of the internals in a run's rows, in logging order: kind 'lines' with lines =
+    [(label, column, index)], or 'matrix' (a logged matrix: drawn at the last epoch). Scalars that differ
+    only by a trailing number (int/acc_gap_peer1, 2, ...) share one panel."""
+    panels = {}
+    for row in rows:
+        for k, v in row.items():
+            if not k.startswith("int/"):
+                continue
+            stem = k.rstrip("0123456789")
+            fmt = INTERNALS.get(stem if stem != k else k, (k, "{}"))[1]
+            if stem != k:  # one line per numbered key
+                panel = panels.setdefault(stem, ("lines", {}))
+                panel[1][k] = (fmt.format(k[len(stem):]), k, ())
+            elif isinstance(v, list) and v and isinstance(v[0], list):
+                panels.setdefault(k, ("matrix", {}))
+            elif isinstance(v, list):
+                panel = panels.setdefault(k, ("lines", {}))
+                for i in range(len(v)):
+                    if i not in panel[1]:
+                        panel[1][i] = (fmt.format(i + 1 if "students" not in fmt else f"{i + 1},{i + 2}"), k, (i,))
+            else:
+                panels.setdefault(k, ("lines", {k: (fmt.format("fraction"), k, ())}))
+    return [(k, kind, list(lines.values())) for k, (kind, lines) in panels.items()]
+
+
+def plot_internals(plt, title, groups, path):
+    """One small panel per internal of each method (mean over seeds, band = min-max); a matrix as a heat
+    map of its last epoch's mean. Returns False (nothing written) when no run logged any internal."""
+    panels = [(label, g, *p) for label, g in groups.items() for p in internal_panels(r for rs in g["rows"]
+                                                                                    for r in rs)]
+    if not panels:
+        return False
+    fig, axes = _small_multiples(plt, len(panels))
+    for ax, (label, g, key, kind, lines) in zip(axes.flat, panels):
+        name = INTERNALS.get(key, (key,))[0]
+        ax.set_title(f"{label}: {name.partition(': ')[2] or name}", fontsize=8)
+        if kind == "matrix":
+            last = [rs[-1][key] for rs in g["rows"] if rs and key in rs[-1]]
+            if not last:  # logged once, not at the last epoch (a run resumed with other code)
+                ax.axis("off")
+                continue
+            m = [[sum(s[a][c] for s in last) / len(last) for c in range(len(last[0][a]))]
+                 for a in range(len(last[0]))]
+            ax.imshow(m, vmin=0, vmax=1, cmap="Blues")
+            for a, row in enumerate(m):
+                for c, v in enumerate(row):
+                    ax.text(c, a, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if v > 0.6 else "black")
+            ax.set_xticks(range(len(m)), [f"peer {c + 1}" for c in range(len(m))], fontsize=7)
+            ax.set_yticks(range(len(m)), [f"peer {a + 1}" for a in range(len(m))], fontsize=7)
+            ax.set_xlabel("key c", fontsize=8)
+            continue
+        for line_label, column, index in lines:
+            epochs, mean, lo, hi = band(g["rows"], column, index)
+            line, = ax.plot(epochs, mean, lw=1.5, label=line_label)
+            if len(g["rows"]) > 1:
+                ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
+        if key == "int/attention_entropy" and lines:  # uniform rows: log m, or log(m - 1) when the
+            last = g["rows"][0][-1].get("int/attention") or [[1.0]]  # diagonal is masked (--exclude-self)
+            ax.axhline(math.log(len(lines) - (max(row[a] for a, row in enumerate(last)) == 0)), ls=":",
+                       color="grey")
+        if key == "int/acc_gap_peer":
+            ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.tick_params(labelsize=7)
+        _axes_style(ax)
+        ax.legend(fontsize=6, loc="best", framealpha=0.7)
+    _finish_multiples(plt, fig, axes, len(panels), title, "inside each method, on the test set every epoch",
+                      path)
+    return True
 
 
 def main(argv=None):
