@@ -244,15 +244,16 @@ def plot_losses(plt, title, groups, path):
                       path)
 
 
-# What each internal is (the panel's title) and what one line of it is; docs/tutorial.md, section 9 says more.
+# What each internal is (the panel's title) and the label of one of its lines, formatted with the line's
+# number (and the next one's); docs/tutorial.md, section 9 says more.
 INTERNALS = {
-    "int/agreement": ("DML: peer pairs predicting the same class", "{} of test images"),
-    "int/gate": ("ONE: gate weight per branch (mean over test images)", "branch {}"),
+    "int/agreement": ("DML: peer pairs predicting the same class", "fraction of test images"),
+    "int/gate": ("ONE: gate weight per branch (mean over test images)", "branch {0}"),
     "int/attention": ("OKDDip: attention A[a, c], last epoch (row a: peer a's target)", ""),
-    "int/attention_entropy": ("OKDDip: entropy of each attention row (nats; dotted: uniform rows)", "peer {}"),
-    "int/kl_mean_peer": ("PCL: KL(temporal mean j || peer j) on test images", "peer {}"),
-    "int/acc_gap_peer": ("PCL: temporal mean j's accuracy minus peer j's (points)", "peer {}"),
-    "int/attention_distance": ("FFSD: distance between consecutive students' attention maps", "students {}"),
+    "int/attention_entropy": ("OKDDip: entropy of each attention row (nats; dotted: uniform rows)", "peer {0}"),
+    "int/kl_mean_peer": ("PCL: KL(temporal mean j || peer j) on test images", "peer {0}"),
+    "int/acc_gap_peer": ("PCL: temporal mean j's accuracy minus peer j's (points)", "peer {0}"),
+    "int/attention_distance": ("FFSD: distance between consecutive students' attention maps", "students {0},{1}"),
 }
 
 
@@ -265,20 +266,18 @@ def internal_panels(rows):
         for k, v in row.items():
             if not k.startswith("int/"):
                 continue
-            stem = k.rstrip("0123456789")
-            fmt = INTERNALS.get(stem if stem != k else k, (k, "{}"))[1]
+            stem = k.rstrip("0123456789")  # int/acc_gap_peer1 -> int/acc_gap_peer
+            label = INTERNALS.get(stem, (k, "{0}"))[1]
             if stem != k:  # one line per numbered key
-                panel = panels.setdefault(stem, ("lines", {}))
-                panel[1][k] = (fmt.format(k[len(stem):]), k, ())
+                panels.setdefault(stem, ("lines", {}))[1][k] = (label.format(k[len(stem):]), k, ())
             elif isinstance(v, list) and v and isinstance(v[0], list):
                 panels.setdefault(k, ("matrix", {}))
-            elif isinstance(v, list):
-                panel = panels.setdefault(k, ("lines", {}))
+            elif isinstance(v, list):  # one line per element
+                lines = panels.setdefault(k, ("lines", {}))[1]
                 for i in range(len(v)):
-                    if i not in panel[1]:
-                        panel[1][i] = (fmt.format(i + 1 if "students" not in fmt else f"{i + 1},{i + 2}"), k, (i,))
+                    lines.setdefault(i, (label.format(i + 1, i + 2), k, (i,)))
             else:
-                panels.setdefault(k, ("lines", {k: (fmt.format("fraction"), k, ())}))
+                panels.setdefault(k, ("lines", {k: (label.format(k), k, ())}))
     return [(k, kind, list(lines.values())) for k, (kind, lines) in panels.items()]
 
 
