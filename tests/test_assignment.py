@@ -130,9 +130,9 @@ class TestHandout(unittest.TestCase):
         for method in GRADED:
             md = handout.assignment_md(method, source(method))
             self.assertIn(handout.longer_run(method), md.splitlines(), method)
-            self.assertEqual(handout.longer_run(method) in lab, method in ("baseline", "dml", "one"), method)
-            self.assertEqual("Lab 1" in md, method in ("baseline", "dml", "one"),
-                             f"{method}: Lab 1 trains the baseline, DML and ONE")
+            self.assertEqual(handout.longer_run(method) in lab, method in handout.LAB1, method)
+            self.assertEqual("Lab 1" in md, method in ("baseline", "dml", "one", "okddip"),
+                             f"{method}: Lab 1 trains the baseline, DML, ONE and OKDDip")
             self.assertIn("(a minute or two)", md)  # as check.py says
 
     def test_no_line_of_the_answer_and_the_checks_run(self):

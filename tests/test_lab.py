@@ -114,7 +114,7 @@ def tiny(argv):
 
 class LabCommands(unittest.TestCase):
     def test_lab1_commands_run_in_sequence_as_written(self):
-        self.run_lab("lab1.md", ["baseline", "baseline-augment", "dml", "one"])
+        self.run_lab("lab1.md", ["baseline", "baseline-augment", "dml", "one", "okddip"])
 
     def test_lab2_commands_run_in_sequence_as_written(self):
         self.run_lab("lab2.md", ["baseline", "pcl", "pcl-beta0.999"])

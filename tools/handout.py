@@ -72,7 +72,7 @@ def functions(text):
     return found
 
 
-LAB1 = ["baseline", "dml", "one"]  # the methods Lab 1 (docs/lab1.md) trains
+LAB1 = ["baseline", "dml", "one", "okddip"]  # the methods Lab 1 (docs/lab1.md) trains
 
 
 def longer_run(method):
