@@ -137,7 +137,7 @@ class Internals(unittest.TestCase):
     def test_panels_lines_per_element_and_numbered_scalars_together(self):
         panels = {k: (kind, [line[0] for line in lines]) for k, kind, lines in plot.internal_panels(INTERNAL_ROWS)}
         self.assertEqual(panels, {
-            "int/gate": ("lines", ["branch 1", "branch 2"]),
+            "int/gate": ("lines", ["rank 1", "rank 2"]),
             "int/attention": ("matrix", []),
             "int/attention_entropy": ("lines", ["peer 1", "peer 2"]),
             "int/acc_gap_peer": ("lines", ["peer 1", "peer 2"]),
@@ -147,6 +147,7 @@ class Internals(unittest.TestCase):
         runs = [INTERNAL_ROWS, [dict(r, **{"int/gate": [0.0, 1.0]}) for r in INTERNAL_ROWS]]
         self.assertEqual(plot.band(runs, "int/gate", (1,)), ([1, 2], [0.9, 0.8], [0.8, 0.6], [1.0, 1.0]))
         self.assertEqual(plot.band(runs, "int/attention", (1, 0))[1], [0.1, 0.2])
+        self.assertEqual(plot.band(runs, "int/gate", (1,), ranked=True)[1], [0.1, 0.2])  # the smaller of each
         self.assertEqual(plot.loss_terms(runs), ["loss"])
 
 

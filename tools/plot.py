@@ -111,13 +111,15 @@ def load_runs(paths):
     return groups
 
 
-def band(runs, column, index=()):
-    """Per epoch over the seeds that logged `column` (element `index` of a logged list): (epochs, mean,
-    min, max)."""
+def band(runs, column, index=(), ranked=False):
+    """Per epoch over the seeds that logged `column` (element `index` of a logged list; ranked: of the
+    list sorted from largest to smallest): (epochs, mean, min, max)."""
     by_epoch = {}
     for rows in runs:
         for row in rows:
             v = row.get(column)
+            if ranked and isinstance(v, list):
+                v = sorted(v, reverse=True)
             for i in index:
                 v = v[i] if isinstance(v, list) and i < len(v) else None
             if isinstance(v, (int, float)) and math.isfinite(v):
@@ -245,16 +247,18 @@ def plot_losses(plt, title, groups, path):
 
 
 # What each internal is (the panel's title) and the label of one of its lines, formatted with the line's
-# number (and the next one's); docs/tutorial.md, section 9 says more.
+# number (and the next one's); docs/tutorial.md, section 9 says more. RANKED: lists drawn sorted, largest
+# first, because which element is largest differs from seed to seed (ONE's favourite branch).
 INTERNALS = {
     "int/agreement": ("DML: peer pairs predicting the same class", "fraction of test images"),
-    "int/gate": ("ONE: gate weight per branch (mean over test images)", "branch {0}"),
+    "int/gate": ("ONE: gate weights, largest first (mean over test images)", "rank {0}"),
     "int/attention": ("OKDDip: attention A[a, c], last epoch (row a: peer a's target)", ""),
     "int/attention_entropy": ("OKDDip: entropy of each attention row (nats; dotted: uniform rows)", "peer {0}"),
     "int/kl_mean_peer": ("PCL: KL(temporal mean j || peer j) on test images", "peer {0}"),
     "int/acc_gap_peer": ("PCL: temporal mean j's accuracy minus peer j's (points)", "peer {0}"),
     "int/attention_distance": ("FFSD: distance between consecutive students' attention maps", "students {0},{1}"),
 }
+RANKED = {"int/gate"}
 
 
 def internal_panels(rows):
@@ -309,7 +313,7 @@ def plot_internals(plt, title, groups, path):
             ax.set_xlabel("key c", fontsize=8)
             continue
         for line_label, column, index in lines:
-            epochs, mean, lo, hi = band(g["rows"], column, index)
+            epochs, mean, lo, hi = band(g["rows"], column, index, ranked=key in RANKED)
             line, = ax.plot(epochs, mean, lw=1.5, label=line_label)
             if len(g["rows"]) > 1:
                 ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.12, lw=0)
