@@ -19,8 +19,8 @@ pooled peer features h_a (D values per sample), leader logits z_L, labels y:
         + w(e) * [ sum_a KD_T(t_a -> z_a) + KD_T(mean_a z_a -> z_L) ]
 KD_T(t -> s) = T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes, averaged over the batch; T = 3;
 w(e) = exp(-5 (1 - min(e, 80)/80)^2) at the 0-based epoch e, the same w on both levels; sums over peers.
-NOTHING is detached: W_q, W_k act only through the targets t_a, whose KD term is their only gradient source
-(detaching t_a would freeze the attention at its random initialisation).
+NOTHING is detached: W_q, W_k act only through the targets t_a, whose KD term is their only loss gradient
+(weight decay aside; detaching t_a would freeze the attention at its random initialisation).
 
 Differences from baseline.py:
     1. A shared trunk (MultiBranch) with m + 1 branches (--num-peers m, plus the leader) and W_q, W_k.
@@ -123,7 +123,7 @@ def okddip_loss(logits, A, y, w, args):
     T, m, loss, logs = args.temperature, A.shape[-1], 0.0, {}
     peers, leader = logits[:m], logits[m]  # (m, B, C), (B, C)
     # ALGO: NOTHING detached: the gradient of each peer's KD flows into t_a, hence into every peer's
-    # logits and into W_q, W_k, whose only gradient source this is.
+    # logits and into W_q, W_k, whose only loss gradient this is.
     t = peer_targets(peers, A)  # (m, B, C)
     for a in range(m):
         # ALGO: CE(z_a, y), mean over the batch; first level: KD_T(t_a -> z_a), i.e.
